@@ -1,0 +1,1 @@
+"""What runs inside the remote-management (RM) VM: the RFB server, the vkbd/vfb backends, the agent."""
