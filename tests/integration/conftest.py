@@ -1,0 +1,26 @@
+"""Fixtures shared by the integration tests: our RFB server on a background loop."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.integration.rfb_harness import DemoServerHandle
+
+
+@pytest.fixture
+def demo_server_factory():
+    handles: list[DemoServerHandle] = []
+
+    def make(**kw) -> DemoServerHandle:
+        h = DemoServerHandle(**kw)
+        handles.append(h)
+        return h
+
+    yield make
+    for h in handles:
+        h.stop()
+
+
+@pytest.fixture
+def demo_server(demo_server_factory) -> DemoServerHandle:
+    return demo_server_factory()
