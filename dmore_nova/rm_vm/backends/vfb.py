@@ -1,0 +1,205 @@
+"""The vfb backend (fbif.h) and the RFB display it feeds.
+
+The guest's framebuffer is listed by frame number in directory pages (``pd[]`` in the shared
+page): there is no grant, so mapping needs foreign-mapping privilege over the guest (dom0, or
+the RM VM as the guest's *target*).  At depth 32 the mapped pages back the RFB display directly
+(a strided numpy view, no copy: Linux's 32-bpp layout is exactly our native 0x00RRGGBB); other
+depths are converted into a shadow buffer only where the guest says it drew (UPDATE events).
+
+:class:`VfbDisplay` outlives device connections: when the frontend goes away (migration), viewers
+keep the last picture (a copy taken before unmapping) and see a resize or a full refresh once the
+device is connected again.
+
+Every value in the shared page and in RESIZE events is guest-written: checked against
+``videoram`` and our own limits *before* anything is mapped or viewed (QEMU's
+``xenfb_configure_fb`` rules, made strict: a bad geometry closes the device instead of being
+"fixed up").
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dmore_nova.rm_vm.backends.xenbus import BackendDevice, DeviceError, parse_uint
+from dmore_nova.rm_vm.rfb.display import DisplaySource, Rect
+from dmore_nova.xen.api import EventChannels, Mapping, Xen
+from dmore_nova.xen.io import fbif as F
+from dmore_nova.xen.io.protocols import KNOWN_PROTOCOLS
+from dmore_nova.xen.io.ring import RingError
+
+PAGE = 4096
+MAX_DIM = 4096            # largest width/height accepted from a guest
+MAX_VIDEORAM_MB = 64      # largest framebuffer we offer/accept
+SUPPORTED_DEPTHS = (16, 24, 32)
+
+
+class VfbDisplay(DisplaySource):
+    """The guest's screen as an RFB display source."""
+
+    def __init__(self, width: int = 800, height: int = 600, name: str = "guest") -> None:
+        super().__init__()
+        self._fb: np.ndarray = np.zeros((height, width), np.uint32)
+        self._name = name
+
+    @property
+    def width(self) -> int:
+        return self._fb.shape[1]
+
+    @property
+    def height(self) -> int:
+        return self._fb.shape[0]
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    def framebuffer(self) -> np.ndarray:
+        return self._fb
+
+    def attach(self, fb: np.ndarray) -> None:
+        """Show ``fb`` (a view over guest memory or a shadow); viewers get a resize or a full
+        refresh."""
+        resized = fb.shape != self._fb.shape
+        self._fb = fb
+        if resized:
+            self.notify_resized(0)
+        else:
+            self.notify_damage(Rect(0, 0, self.width, self.height))
+
+    def detach(self) -> None:
+        """The mapping is about to go: keep a private copy of the last picture."""
+        self._fb = np.array(self._fb, copy=True)
+
+
+def _convert(src: np.ndarray, depth: int) -> np.ndarray:
+    """Guest pixels (rows of bytes) -> native 0x00RRGGBB for depth 16 (RGB565) and 24 (BGR)."""
+    if depth == 16:
+        p = src.view("<u2").astype(np.uint32)
+        r = (p >> 11) & 0x1F
+        g = (p >> 5) & 0x3F
+        b = p & 0x1F
+        return ((r * 255 // 31) << 16) | ((g * 255 // 63) << 8) | (b * 255 // 31)
+    # depth 24: packed little-endian B, G, R
+    b, g, r = (src[:, 0::3].astype(np.uint32), src[:, 1::3].astype(np.uint32),
+               src[:, 2::3].astype(np.uint32))
+    return (r << 16) | (g << 8) | b
+
+
+class VfbBackend(BackendDevice):
+    kind = "vfb"
+
+    def __init__(self, xen: Xen, evtchns: EventChannels, fe_domid: int, devid: int, *,
+                 display: VfbDisplay, videoram_mb: int = 16, width: int = 800,
+                 height: int = 600) -> None:
+        super().__init__(xen, evtchns, fe_domid, devid)
+        if not 1 <= videoram_mb <= MAX_VIDEORAM_MB:
+            raise ValueError(f"videoram {videoram_mb} MiB outside 1..{MAX_VIDEORAM_MB}")
+        self.display = display
+        self.videoram_mb = videoram_mb
+        self.mode_width, self.mode_height = width, height
+        self.fbpage: F.XenfbPage | None = None
+        self.fb_mapping: Mapping | None = None
+        self.depth = 32
+        self.stride = 0
+        self.offset = 0
+        self.updates = 0
+        self._raw: np.ndarray | None = None  # guest bytes, when a shadow conversion is needed
+
+    # -- xenbus hooks ----------------------------------------------------------------------
+    def write_features(self) -> None:
+        self.be_write("videoram", self.videoram_mb)
+        self.be_write("width", self.mode_width)
+        self.be_write("height", self.mode_height)
+        self.be_write("feature-resize", 1)
+        self.be_write("request-update", 1)
+
+    def connect(self) -> None:
+        protocol = self.fe_read("protocol")
+        page_ref = parse_uint(self.fe_read("page-ref"), "page-ref", (1 << 52) - 1)
+        self.page = self.xen.map_foreign(self.fe_domid, [page_ref], writable=True)
+        if protocol is None:
+            proto = F.xenfb_guess_protocol(self.page.mem)
+        else:
+            proto = protocol.strip(b"\0").decode("ascii", "replace")
+            if proto not in KNOWN_PROTOCOLS:
+                raise DeviceError(f"unknown protocol {proto[:40]!r}")
+        self.fbpage = F.XenfbPage(self.page.mem, proto)
+        p = self.fbpage
+        mem_length = p.mem_length
+        if not 0 < mem_length <= self.videoram_mb << 20:
+            raise DeviceError(f"mem_length {mem_length} outside 1..{self.videoram_mb} MiB")
+        try:
+            n_dirs = p.pd_entries_needed(mem_length)
+        except ValueError as exc:
+            raise DeviceError(str(exc)) from None
+        n_pages = -(-mem_length // PAGE)
+        dirs = [p.pd(i) for i in range(n_dirs)]
+        with self.xen.map_foreign(self.fe_domid, dirs, writable=False) as d:
+            dtype = "<u4" if p.pd_entry_size == 4 else "<u8"
+            frames = np.frombuffer(d.mem, dtype, count=n_pages).tolist()
+        self.fb_mapping = self.xen.map_foreign(self.fe_domid, frames, writable=False)
+        self._configure(p.width, p.height, p.line_length, p.depth, 0)
+        self.bind()
+
+    def _configure(self, width: int, height: int, stride: int, depth: int, offset: int) -> None:
+        """Validate a geometry against the mapped framebuffer and show it."""
+        assert self.fb_mapping is not None
+        fb_len = len(self.fb_mapping.mem)
+        if depth not in SUPPORTED_DEPTHS:
+            raise DeviceError(f"depth {depth} not in {SUPPORTED_DEPTHS}")
+        if not (0 < width <= MAX_DIM and 0 < height <= MAX_DIM):
+            raise DeviceError(f"geometry {width}x{height} outside 1..{MAX_DIM}")
+        bpp = depth // 8 if depth != 24 else 3
+        if stride < width * bpp or stride > fb_len:
+            raise DeviceError(f"line length {stride} invalid for width {width} depth {depth}")
+        if offset < 0 or offset + stride * (height - 1) + width * bpp > fb_len:
+            raise DeviceError(f"{width}x{height} stride {stride} offset {offset} exceeds the "
+                              f"{fb_len}-byte framebuffer")
+        if depth == 32 and (stride % 4 or offset % 4):
+            raise DeviceError(f"depth 32 needs 4-byte aligned stride/offset ({stride}/{offset})")
+        self.depth, self.stride, self.offset = depth, stride, offset
+        mem = self.fb_mapping.mem
+        if depth == 32:
+            fb = np.ndarray((height, width), np.uint32, buffer=mem, offset=offset,
+                            strides=(stride, 4))
+            self._raw = None
+        else:
+            self._raw = np.ndarray((height, width * bpp), np.uint8, buffer=mem, offset=offset,
+                                   strides=(stride, 1))
+            fb = _convert(self._raw, depth)
+        self.display.attach(fb)
+
+    def on_event(self) -> None:
+        if self.fbpage is None:
+            return
+        try:
+            events = F.fb_out_get(self.fbpage)
+        except RingError as exc:
+            raise DeviceError(f"out ring: {exc}") from None
+        for ev in events:
+            if isinstance(ev, F.XenfbUpdate):
+                self.updates += 1
+                r = ev.clip(self.display.width, self.display.height)
+                if r is None:
+                    continue
+                x, y, w, h = r
+                if self._raw is not None:
+                    bpp = self.depth // 8 if self.depth != 24 else 3
+                    self.display.framebuffer()[y:y + h, x:x + w] = _convert(
+                        self._raw[y:y + h, x * bpp:(x + w) * bpp], self.depth)
+                self.display.notify_damage(Rect(x, y, w, h))
+            elif isinstance(ev, F.XenfbResize):
+                self._configure(ev.width, ev.height, ev.stride, ev.depth, ev.offset)
+            else:
+                self.log.info("%s: skipped out event: %s", self.name, ev)
+        if events and self.port is not None:
+            self.evtchns.notify(self.port)
+
+    def disconnect(self) -> None:
+        self.display.detach()
+        if self.fb_mapping is not None:
+            self._raw = None
+            self.fb_mapping.unmap()
+            self.fb_mapping = None
+        self.fbpage = None
+        super().disconnect()

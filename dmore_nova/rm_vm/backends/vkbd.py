@@ -1,0 +1,184 @@
+"""The vkbd backend (kbdif.h): what viewers type and point, as xen-kbdfront expects it.
+
+Differences from QEMU's xenfb input backend, on purpose:
+
+* a full in ring does not drop events (QEMU returns EAGAIN and loses the key): they wait in a
+  bounded queue and go out when the frontend next notifies us (xen-kbdfront notifies after it
+  has consumed events).  Overflowing the queue is logged with a count, never silent;
+* the queue also survives disconnect/reconnect, which is how keys typed during a migration
+  switchover reach the guest after it resumes (co-migration's *replay* step);
+* ``request-abs-pointer`` is remembered across reconnects: a resumed Linux frontend does not
+  rewrite it.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from dmore_nova.rm_vm.backends.xenbus import BackendDevice, DeviceError, parse_uint
+from dmore_nova.rm_vm.rfb.display import (
+    BUTTON_LEFT,
+    BUTTON_MIDDLE,
+    BUTTON_RIGHT,
+    WHEEL_DOWN,
+    WHEEL_UP,
+    KeyInput,
+    PointerInput,
+)
+from dmore_nova.xen.api import EventChannels, Xen
+from dmore_nova.xen.io import keymap
+from dmore_nova.xen.io import kbdif as K
+from dmore_nova.xen.io.ring import RingError
+
+#: Events held while the ring is full or the frontend is away (a migration switchover).
+MAX_QUEUED = 8192
+
+_BUTTONS = ((BUTTON_LEFT, keymap.BTN_LEFT), (BUTTON_MIDDLE, keymap.BTN_MIDDLE),
+            (BUTTON_RIGHT, keymap.BTN_RIGHT))
+
+
+class VkbdBackend(BackendDevice):
+    kind = K.XENKBD_DRIVER_NAME  # "vkbd"
+
+    def __init__(self, xen: Xen, evtchns: EventChannels, fe_domid: int, devid: int, *,
+                 width: int, height: int) -> None:
+        super().__init__(xen, evtchns, fe_domid, devid)
+        self.width, self.height = width, height  # what pointer coordinates are scaled to
+        self.abs_pointer = False
+        self.raw_pointer = False
+        self.queue: deque[K.XenkbdKey | K.XenkbdPosition | K.XenkbdMotion] = deque()
+        self.dropped = 0
+        self.delivered = 0
+        self._buttons = 0
+        self._pressed: set[int] = set()
+
+    # -- xenbus hooks ----------------------------------------------------------------------
+    def write_features(self) -> None:
+        self.be_write(K.XENKBD_FIELD_FEAT_ABS_POINTER, 1)
+        self.be_write(K.XENKBD_FIELD_FEAT_RAW_POINTER, 1)
+        self.be_write(K.XENKBD_FIELD_WIDTH, self.width)
+        self.be_write(K.XENKBD_FIELD_HEIGHT, self.height)
+
+    def connect(self) -> None:
+        gref = self.fe_read(K.XENKBD_FIELD_RING_GREF)
+        if gref is not None:
+            self.page = self.xen.map_grant(self.fe_domid, parse_uint(gref, "page-gref"),
+                                           writable=True)
+        else:
+            # Old frontends publish only the frame number: needs foreign-mapping privilege.
+            pfn = parse_uint(self.fe_read(K.XENKBD_FIELD_RING_REF), "page-gref/page-ref",
+                             (1 << 52) - 1)
+            self.page = self.xen.map_foreign(self.fe_domid, [pfn], writable=True)
+        self.bind()
+        self._read_requests()
+        self.flush()
+
+    def frontend_connected(self) -> None:
+        self._read_requests()
+        self.flush()
+
+    def _read_requests(self) -> None:
+        abs_req = self.fe_read(K.XENKBD_FIELD_REQ_ABS_POINTER)
+        if abs_req is not None:  # absent after a resume: keep what we knew
+            self.abs_pointer = abs_req.strip(b"\0") == b"1"
+        raw_req = self.fe_read(K.XENKBD_FIELD_REQ_RAW_POINTER)
+        if raw_req is not None:
+            self.raw_pointer = raw_req.strip(b"\0") == b"1"
+
+    def on_event(self) -> None:
+        """The frontend consumed events (or wrote out events, of which none are defined)."""
+        if self.page is None:
+            return
+        try:
+            K.kbd_out_drain(self.page.mem)
+        except RingError as exc:
+            raise DeviceError(str(exc)) from None
+        self.flush()
+
+    # -- input from viewers ----------------------------------------------------------------
+    def key(self, ev: KeyInput) -> None:
+        code, shift = None, False
+        if ev.scancode:
+            code = keymap.xt_to_linux(ev.scancode)
+        if code is None:
+            mapped = keymap.keysym_to_linux(ev.keysym)
+            if mapped is not None:
+                code, shift = mapped
+        if code is None:
+            self.log.debug("%s: no keycode for keysym %#x scancode %s", self.name, ev.keysym,
+                           ev.scancode)
+            return
+        synth_shift = (ev.down and shift and not ev.scancode
+                       and keymap.KEY_LEFTSHIFT not in self._pressed
+                       and keymap.KEY_RIGHTSHIFT not in self._pressed)
+        events: list = []
+        if synth_shift:
+            # A keysym-only client (e.g. vncdotool typing 'A') sent no Shift: add it, as a US
+            # keyboard would need it, and release it right after.
+            events.append(K.XenkbdKey(pressed=True, keycode=keymap.KEY_LEFTSHIFT))
+        events.append(K.XenkbdKey(pressed=ev.down, keycode=code))
+        if synth_shift:
+            events.append(K.XenkbdKey(pressed=False, keycode=keymap.KEY_LEFTSHIFT))
+        if ev.down:
+            self._pressed.add(code)
+        else:
+            self._pressed.discard(code)
+        self.send(events)
+
+    def pointer(self, ev: PointerInput) -> None:
+        events: list = []
+        changed = ev.buttons ^ self._buttons
+        for bit, code in _BUTTONS:
+            if changed & bit:
+                events.append(K.XenkbdKey(pressed=bool(ev.buttons & bit), keycode=code))
+        # RFB reports a wheel notch as a press of button 4/5; QEMU turns it into rel_z -1/+1.
+        rel_z = 0
+        pressed_now = ev.buttons & ~self._buttons
+        if pressed_now & WHEEL_UP:
+            rel_z -= 1
+        if pressed_now & WHEEL_DOWN:
+            rel_z += 1
+        self._buttons = ev.buttons
+        x, y = self._scale(ev.x, ev.y)
+        events.append(K.XenkbdPosition(abs_x=x, abs_y=y, rel_z=rel_z))
+        self.send(events)
+
+    def _scale(self, x: int, y: int) -> tuple[int, int]:
+        """Framebuffer pixels -> what the frontend expects: 0..0x7fff when it asked for raw
+        coordinates (kbdif.h ``feature-raw-pointer``), else its own width/height scale (xen-kbdfront
+        sets ABS_X/ABS_Y ranges from our ``width``/``height``)."""
+        w, h = max(self.width, 1), max(self.height, 1)
+        x = min(max(x, 0), w - 1)
+        y = min(max(y, 0), h - 1)
+        if self.raw_pointer:
+            return (x * K.XENKBD_RAW_POINTER_MAX // max(w - 1, 1),
+                    y * K.XENKBD_RAW_POINTER_MAX // max(h - 1, 1))
+        return x, y
+
+    # -- the ring --------------------------------------------------------------------------
+    def send(self, events: list) -> None:
+        room = MAX_QUEUED - len(self.queue)
+        if len(events) > room:
+            lost = len(events) - room
+            self.dropped += lost
+            self.log.warning("%s: input queue full (%d); %d events dropped (%d in total)",
+                             self.name, MAX_QUEUED, lost, self.dropped)
+            events = events[:room]
+        self.queue.extend(events)
+        self.flush()
+
+    def flush(self) -> None:
+        """Write what fits into the in ring and notify; the rest waits for the next notify."""
+        if self.page is None or self.port is None or not self.queue:
+            return
+        batch = list(self.queue)[:K.XENKBD_IN_RING_LEN]
+        try:
+            n = K.kbd_in_put(self.page.mem, batch)
+        except RingError as exc:
+            self.fail(f"in ring: {exc}")
+            return
+        if n:
+            for _ in range(n):
+                self.queue.popleft()
+            self.delivered += n
+            self.evtchns.notify(self.port)
