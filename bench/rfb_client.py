@@ -19,9 +19,11 @@ from __future__ import annotations
 import select
 import socket
 import struct
+import sys
 import time
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 
 __all__ = [
     "ENC_COPYRECT",
@@ -55,6 +57,16 @@ MAX_COLOURS = 65536
 #: server encodes the same bytes a browser viewer would make it encode.
 PIXEL_FORMAT_RGB888 = struct.pack(">BBBBHHHBBB3x", 32, 24, 0, 1, 255, 255, 255, 16, 8, 0)
 BYTES_PER_PIXEL = 4
+
+
+def _vnc_auth_response():
+    """The project's VNC-auth DES, found even when this file runs as a script from bench/."""
+    try:
+        from dmore_nova.rm_vm.rfb.security import vnc_auth_response
+    except ImportError:
+        sys.path.append(str(Path(__file__).resolve().parent.parent))
+        from dmore_nova.rm_vm.rfb.security import vnc_auth_response
+    return vnc_auth_response
 
 
 class RFBError(Exception):
@@ -191,9 +203,7 @@ class RFBClient:
         if sec == SEC_VNC:
             if password is None:
                 raise RFBError("server wants VNC Authentication and no password was given")
-            from dmore_nova.rm_vm.rfb.security import vnc_auth_response
-
-            self._send(vnc_auth_response(password, self._read(16)))
+            self._send(_vnc_auth_response()(password, self._read(16)))
         elif sec != SEC_NONE:
             raise RFBError(f"unsupported security type {sec}")
         if sec == SEC_VNC or minor == 8:
@@ -214,7 +224,7 @@ class RFBClient:
         (n,) = struct.unpack(">I", self._read(4))
         if n > MAX_REASON:
             raise RFBError(f"reason of {n} bytes exceeds {MAX_REASON}")
-        return self._read(n).decode("utf-8", "replace")
+        return self._read(n).decode("utf-8", "replace").rstrip("\0")
 
     # -- client messages ----------------------------------------------------------------------
     def set_pixel_format_rgb888(self) -> None:
