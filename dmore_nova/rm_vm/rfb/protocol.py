@@ -389,7 +389,8 @@ class ServerConnection:
             raise LocalProtocolError(str(exc)) from exc
         self.width, self.height = width, height
         if self.continuous_updates is not None:
-            self.continuous_updates = self.continuous_updates.clip(width, height)
+            cu = self.continuous_updates
+            self.continuous_updates = self._crop(cu.x, cu.y, cu.w, cu.h)
 
     def close(self, reason: str) -> None:
         """Close from the server side (no event).  Where the handshake has a place for a failure
@@ -737,7 +738,7 @@ class ServerConnection:
             incremental = buf[p + 1] != 0
             x, y, w, h = struct.unpack_from(">HHHH", buf, p + 2)
             self._pos += 10
-            rect = Rect(x, y, w, h).clip(self.width, self.height)
+            rect = self._crop(x, y, w, h)
             self._events.append(ev.FramebufferUpdateRequest(incremental, rect))
         elif mtype == C.MSG_KEY_EVENT:
             if avail < 8:
@@ -768,7 +769,7 @@ class ServerConnection:
             enable = buf[p + 1] != 0
             x, y, w, h = struct.unpack_from(">HHHH", buf, p + 2)
             self._pos += 10
-            rect = Rect(x, y, w, h).clip(self.width, self.height)
+            rect = self._crop(x, y, w, h)
             if enable:
                 self.continuous_updates = rect
             else:
@@ -822,6 +823,12 @@ class ServerConnection:
         else:
             self._fail(f"unknown client message type {mtype}")
         return True
+
+    def _crop(self, x: int, y: int, w: int, h: int) -> Rect:
+        """Crop a client rectangle (U16 fields) to the framebuffer, as rfbproto 7.5.3 says;
+        a rectangle wholly outside becomes an empty one at the nearest edge, never an error."""
+        x0, y0 = min(x, self.width), min(y, self.height)
+        return Rect(x0, y0, min(x + w, self.width) - x0, min(y + h, self.height) - y0)
 
     def _client_cut_text(self, avail: int) -> bool:
         if avail < 8:
