@@ -1,0 +1,114 @@
+"""``RealXen``: the :class:`~dmore_nova.xen.api.Xen` of a process running in a real Xen domain
+(dom0, or the RM VM as a domU).
+
+xenstore comes from pyxs (:class:`~dmore_nova.xen.pyxs_store.PyxsXenStore`); grant maps, foreign
+maps and event channels from Xen's own libraries through ctypes (:mod:`.libs`).  Library handles
+are opened on first use, so constructing a ``RealXen`` needs only xenstore.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from pyxs.connection import _get_unix_socket_path
+
+from dmore_nova.xen import api
+from dmore_nova.xen.pyxs_store import PyxsXenStore
+from dmore_nova.xen.real import libs
+from dmore_nova.xen.real.evtchn import RealEventChannels, check_domid
+from dmore_nova.xen.real.foreignmemory import ForeignMemory
+from dmore_nova.xen.real.gnttab import GrantTable
+
+#: Where Linux says whether this domain is the control domain ("control_d").
+CAPABILITIES_PATH = "/proc/xen/capabilities"
+
+
+def is_control_domain(capabilities_path: str = CAPABILITIES_PATH) -> bool:
+    """True in dom0 (xenfs's ``capabilities`` reads ``control_d``)."""
+    try:
+        with open(capabilities_path, "rb") as f:
+            return b"control_d" in f.read(64)
+    except OSError:
+        return False
+
+
+def connect_xenstore() -> api.XenStore:
+    """xenstore as this domain reaches it: xenstored's unix socket when it runs here (dom0),
+    else the kernel's xenbus device (a domU such as the RM VM)."""
+    socket_path = _get_unix_socket_path()
+    if os.path.exists(socket_path):
+        return PyxsXenStore(unix_socket_path=socket_path)
+    return PyxsXenStore(xen_bus_path="")
+
+
+class RealXen(api.Xen):
+    """Real Xen for the domain this process runs in.
+
+    :param xenstore: the store to use; default :func:`connect_xenstore`.
+    :param evtchn_lib, gnttab_lib, foreignmemory_lib: the libraries (tests point them at
+        missing names to check the "not available" path).
+    :param capabilities_path: for tests.
+    """
+
+    def __init__(self, xenstore: api.XenStore | None = None, *,
+                 evtchn_lib: libs.XenLibrary | None = None,
+                 gnttab_lib: libs.XenLibrary | None = None,
+                 foreignmemory_lib: libs.XenLibrary | None = None,
+                 capabilities_path: str = CAPABILITIES_PATH) -> None:
+        self.xenstore = xenstore if xenstore is not None else connect_xenstore()
+        self._evtchn_lib = evtchn_lib or libs.EVTCHN
+        self._gnttab = GrantTable(gnttab_lib)
+        self._fmem = ForeignMemory(foreignmemory_lib)
+        self._capabilities_path = capabilities_path
+
+    @property
+    def domid(self) -> int:
+        """Read from xenstore every time: the RM VM's domid changes when it migrates.
+
+        libxl writes ``/local/domain/<id>/domid``; the relative path ``domid`` resolves to our
+        own domain's directory.  dom0 may lack the node (older toolstacks), and is 0.
+        """
+        raw = self.xenstore.read("domid")
+        if raw is None:
+            if is_control_domain(self._capabilities_path):
+                return 0
+            raise api.XenError(errno.ENOENT, "xenstore has no 'domid' for this domain")
+        try:
+            domid = int(raw.decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError) as e:
+            raise api.XenError(errno.EINVAL, f"xenstore 'domid' is not a number: {raw!r}") from e
+        return check_domid(domid)
+
+    def map_grant(self, domid: int, gref: int, writable: bool = True) -> api.Mapping:
+        return self._gnttab.map_grant_ref(domid, gref, writable)
+
+    def map_foreign(self, domid: int, frames: list[int] | tuple[int, ...],
+                    writable: bool = False) -> api.Mapping:
+        return self._fmem.map(domid, frames, writable)
+
+    def event_channels(self) -> api.EventChannels:
+        return RealEventChannels(self._evtchn_lib)
+
+    def domain_info(self, domid: int) -> api.DomainInfo | None:
+        """From xenstore: the domain exists while ``/local/domain/<id>`` does (libxl creates it
+        with the domain and xenstored removes it on release).  ``dying``/``paused``/
+        ``max_pages`` need ``XEN_DOMCTL_getdomaininfo``, which XSM grants only to the control
+        and xenstore domains -- not to an RM VM, even one with set_target -- so they are left at
+        their defaults.  A domain we may not read raises ``XenError(EACCES)``."""
+        check_domid(domid)
+        path = self.xenstore.get_domain_path(domid)
+        name = self.xenstore.read(f"{path}/name")
+        if name is None:
+            # Being built (name not written yet) or gone: only the directory tells.
+            if not self.xenstore.directory(path):
+                return None
+            name = b""
+        return api.DomainInfo(domid=domid, name=name.decode("utf-8", "replace"))
+
+    def close(self) -> None:
+        try:
+            self._gnttab.close()
+            self._fmem.close()
+        finally:
+            super().close()
