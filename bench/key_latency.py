@@ -401,6 +401,20 @@ def markdown(result: dict) -> str:
         "",
     ]
     out += [f"- {line}" for line in verdict(result)]
+    qemu, ours = result["servers"].get("QEMU"), result["servers"].get("ours")
+    if qemu and qemu["n"]:
+        out.append(f"- QEMU's samples spread from {qemu['min']:.1f} to {qemu['max']:.1f} ms "
+                   f"(mean {qemu['mean']:.1f}): a key sent at a random phase waits for the next "
+                   "tick of QEMU's 30 ms VNC refresh timer (`VNC_REFRESH_INTERVAL_BASE`). Ours "
+                   "sends an update as soon as the display reports damage and a request is "
+                   "outstanding.")
+    if qemu and ours and qemu["n"] and ours["n"]:
+        mins = f"minimum: QEMU {qemu['min']:.2f} ms, ours {ours['min']:.2f} ms"
+        if abs(qemu["min"] - ours["min"]) < 0.1:
+            mins += (" — about equal: the floor set by this Python client, loopback TCP and "
+                     "wake-ups, not by either server")
+        out.append(f"- {mins}. Tails (p99, max) move with whatever else runs on the 2 cores "
+                   "(load average below).")
     out += [
         f"- date: {m['date']}; git: {m['git']}",
         f"- machine: `{m['uname']}`; CPU: {m['cpu']}; nproc: {m['nproc']}; "
