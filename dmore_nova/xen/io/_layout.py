@@ -12,7 +12,9 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-__all__ = ["Field", "make_struct"]
+from .ring import read_u32, write_u32
+
+__all__ = ["Field", "PageField", "make_struct"]
 
 
 @dataclass(frozen=True)
@@ -54,3 +56,38 @@ def make_struct(fields: tuple[Field, ...], size: int) -> struct.Struct:
     if size > pos:
         fmt += f"{size - pos}x"
     return struct.Struct(fmt)
+
+
+class PageField:
+    """Descriptor for one scalar member of a shared-page struct (``obj.mv`` is the page).
+
+    Reads and writes go to the page on every access -- never cached, because the other domain
+    changes them.  u32 members (the ring indices) go through :func:`.ring.read_u32` /
+    :func:`.ring.write_u32`, i.e. one aligned 32-bit access, never byte-wise (``struct``'s
+    little-endian codes assemble bytes one at a time, which another CPU could see torn).
+    Writes outside the member's C range raise ``ValueError``.
+    """
+
+    def __init__(self, field: Field) -> None:
+        self.field = field
+        self._struct = struct.Struct("<" + field.code)
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.__doc__ = f"``{self.field.c_path}`` at byte {self.field.offset} ({self.field.code})"
+
+    def __get__(self, obj: object, objtype: type | None = None) -> int:
+        if obj is None:
+            return self  # type: ignore[return-value]
+        mv = obj.mv  # type: ignore[attr-defined]
+        if self.field.code == "I":
+            return read_u32(mv, self.field.offset)
+        return int(self._struct.unpack_from(mv, self.field.offset)[0])
+
+    def __set__(self, obj: object, value: int) -> None:
+        if self.field.code == "I":
+            write_u32(obj.mv, self.field.offset, value)  # type: ignore[attr-defined]
+            return
+        try:
+            self._struct.pack_into(obj.mv, self.field.offset, value)  # type: ignore[attr-defined]
+        except struct.error as exc:
+            raise ValueError(f"{self.field.c_path} = {value!r}: {exc}") from None

@@ -15,15 +15,14 @@ Frontend side (the simulated guest): :func:`fb_out_put`, :func:`fb_in_get`.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 from ._event import RingEvent, UnknownEvent
-from ._layout import Field, make_struct
+from ._layout import Field, PageField, make_struct
 from .protocols import XEN_IO_PROTO_ABI_X86_32, XEN_IO_PROTO_ABI_X86_64, abi_long_size
-from .ring import RingLayout, read_u32, ring_fill, ring_get, ring_put, write_u32
+from .ring import RingLayout, read_u32, ring_fill, ring_get, ring_put
 
 __all__ = [
     "FbInEvent",
@@ -79,7 +78,6 @@ XENFB_PAGE_FIELDS = (
 )
 _PAGE = {f.c_path: f for f in XENFB_PAGE_FIELDS}
 make_struct(XENFB_PAGE_FIELDS, 33)  # validates the declaration (offsets, alignment)
-_PAGE_STRUCTS = {f.c_path: struct.Struct("<" + f.code) for f in XENFB_PAGE_FIELDS}
 
 #: ``offsetof(struct xenfb_page, pd)``: ``depth`` ends at 33, aligned up to the entry size.
 XENFB_PD_OFFS_32 = 36
@@ -258,48 +256,17 @@ class XenfbPage:
         self.pd_offset, self.pd_entry_size = _pd_geometry(protocol)
         self.pd_capacity = (XENFB_IN_RING_OFFS - self.pd_offset) // self.pd_entry_size
 
-    # ring indices (u32, read from the page on every access)
-    def _get_u32(self, name: str) -> int:
-        return read_u32(self.mv, _PAGE[name].offset)
-
-    def _set_u32(self, name: str, value: int) -> None:
-        write_u32(self.mv, _PAGE[name].offset, value)
-
-    in_cons = property(
-        lambda self: self._get_u32("in_cons"), lambda self, v: self._set_u32("in_cons", v)
-    )
-    in_prod = property(
-        lambda self: self._get_u32("in_prod"), lambda self, v: self._set_u32("in_prod", v)
-    )
-    out_cons = property(
-        lambda self: self._get_u32("out_cons"), lambda self, v: self._set_u32("out_cons", v)
-    )
-    out_prod = property(
-        lambda self: self._get_u32("out_prod"), lambda self, v: self._set_u32("out_prod", v)
-    )
-
-    # geometry (guest-written; the backend validates before use)
-    def _get_field(self, name: str) -> int:
-        return int(_PAGE_STRUCTS[name].unpack_from(self.mv, _PAGE[name].offset)[0])
-
-    def _set_field(self, name: str, value: int) -> None:
-        try:
-            _PAGE_STRUCTS[name].pack_into(self.mv, _PAGE[name].offset, value)
-        except struct.error as exc:
-            raise ValueError(f"xenfb_page.{name}: {exc}") from None
-
-    width = property(lambda self: self._get_field("width"), lambda s, v: s._set_field("width", v))
-    height = property(
-        lambda self: self._get_field("height"), lambda s, v: s._set_field("height", v)
-    )
-    line_length = property(
-        lambda self: self._get_field("line_length"),
-        lambda s, v: s._set_field("line_length", v),
-    )
-    mem_length = property(
-        lambda self: self._get_field("mem_length"), lambda s, v: s._set_field("mem_length", v)
-    )
-    depth = property(lambda self: self._get_field("depth"), lambda s, v: s._set_field("depth", v))
+    # ring indices and geometry: read from the page on every access; the geometry is
+    # guest-written, so the backend validates it before use.
+    in_cons = PageField(_PAGE["in_cons"])
+    in_prod = PageField(_PAGE["in_prod"])
+    out_cons = PageField(_PAGE["out_cons"])
+    out_prod = PageField(_PAGE["out_prod"])
+    width = PageField(_PAGE["width"])
+    height = PageField(_PAGE["height"])
+    line_length = PageField(_PAGE["line_length"])
+    mem_length = PageField(_PAGE["mem_length"])
+    depth = PageField(_PAGE["depth"])
 
     def _pd_off(self, i: int) -> int:
         if not 0 <= i < self.pd_capacity:

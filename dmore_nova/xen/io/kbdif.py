@@ -11,19 +11,18 @@ All of them validate the indices read from the page; see :mod:`.ring` for the ru
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
 from ._event import RingEvent, UnknownEvent
-from ._layout import Field, make_struct
+from ._layout import Field, PageField, make_struct
 from .ring import (
     RingLayout,
-    read_u32,
     ring_fill,
     ring_get,
     ring_put,
-    write_u32,
 )
 
 __all__ = [
@@ -244,7 +243,7 @@ class XenkbdMtouch(_KbdInEvent):
         values += [getattr(self, f.name) for f in arm]
         try:
             raw = st.pack(*values)
-        except Exception as exc:  # struct.error
+        except struct.error as exc:
             raise ValueError(f"XenkbdMtouch: field out of range: {exc}") from None
         return raw.ljust(self.EVENT_SIZE, b"\0")
 
@@ -299,20 +298,10 @@ class XenkbdPage:
             raise ValueError(f"xenkbd page view is {len(mv)} bytes, need {self.PAGE_SIZE}")
         self.mv = mv
 
-    def _get(self, name: str) -> int:
-        return read_u32(self.mv, _PAGE_OFFS[name])
-
-    def _set(self, name: str, value: int) -> None:
-        write_u32(self.mv, _PAGE_OFFS[name], value)
-
-    in_cons = property(lambda self: self._get("in_cons"), lambda self, v: self._set("in_cons", v))
-    in_prod = property(lambda self: self._get("in_prod"), lambda self, v: self._set("in_prod", v))
-    out_cons = property(
-        lambda self: self._get("out_cons"), lambda self, v: self._set("out_cons", v)
-    )
-    out_prod = property(
-        lambda self: self._get("out_prod"), lambda self, v: self._set("out_prod", v)
-    )
+    in_cons = PageField(XENKBD_PAGE_FIELDS[0])
+    in_prod = PageField(XENKBD_PAGE_FIELDS[1])
+    out_cons = PageField(XENKBD_PAGE_FIELDS[2])
+    out_prod = PageField(XENKBD_PAGE_FIELDS[3])
 
     def in_pending(self) -> int:
         """Validated number of unconsumed in events (RingError if the indices are hostile)."""
