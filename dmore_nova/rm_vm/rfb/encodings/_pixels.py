@@ -1,0 +1,202 @@
+"""Pixel plumbing shared by the encoders: comparison keys and wire bytes, whole arrays at once.
+
+Every encoder works in two steps.  First the rectangle is turned into *keys*: one ``uint32``
+per pixel such that two pixels look the same on the client exactly when their keys are equal
+(solid-tile detection, palettes and runs all compare keys).  Then the keys the encoder decided
+to send are turned into wire bytes, ``PIXEL`` (rfbproto), ``CPIXEL`` (ZRLE) or ``TPIXEL``
+(Tight).  Both steps are numpy operations over the whole rectangle, never per-pixel Python.
+
+Keys are the client's pixel values (so a 8-bit 332 client sees one colour where the native
+framebuffer has several, and gets smaller palettes), except for ``TPIXEL`` formats where the
+native ``0x00RRGGBB`` value is already exact (all three channels are 8 bits wide).  The top byte
+of native pixels is masked off: guest framebuffers often keep garbage or 0xFF there.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from dmore_nova.rm_vm.rfb.pixelformat import NATIVE, PixelFormat, to_client_values
+
+_RGB_MASK = np.uint32(0x00FFFFFF)
+_LITTLE = sys.byteorder == "little"
+
+
+def _same_channels(pf: PixelFormat) -> bool:
+    return (pf.red_max, pf.green_max, pf.blue_max, pf.red_shift, pf.green_shift,
+            pf.blue_shift) == (NATIVE.red_max, NATIVE.green_max, NATIVE.blue_max,
+                               NATIVE.red_shift, NATIVE.green_shift, NATIVE.blue_shift)
+
+
+def max_client_value(pf: PixelFormat) -> int:
+    """The pixel value with every colour bit set (which bits a client pixel can use)."""
+    return ((pf.red_max << pf.red_shift) | (pf.green_max << pf.green_shift)
+            | (pf.blue_max << pf.blue_shift))
+
+
+def cpixel_size(pf: PixelFormat) -> tuple[int, int]:
+    """ZRLE's CPIXEL: ``(bytes per CPIXEL, offset of those bytes inside the wire PIXEL)``.
+
+    rfbproto: 3 bytes when true-colour, 32 bpp, depth <= 24 and all colour bits fit in the
+    least (preferred, by convention) or the most significant 3 bytes.  This is the rule
+    TigerVNC's and libvncclient's decoders implement; the most-significant case matters for
+    formats like red-shift 24 / green 16 / blue 8.
+    """
+    if pf.bits_per_pixel == 32 and pf.depth <= 24 and pf.true_colour:
+        top = max_client_value(pf)
+        if top < 1 << 24:          # least significant 3 bytes
+            return 3, (1 if pf.big_endian else 0)
+        if top & 0xFF == 0:        # most significant 3 bytes
+            return 3, (0 if pf.big_endian else 1)
+    return pf.bytes_per_pixel, 0
+
+
+def is_tpixel(pf: PixelFormat) -> bool:
+    """Tight's TPIXEL rule (rfbproto, Tight encoding): 3 bytes R, G, B in that order when the
+    format is true-colour, 32 bpp, depth 24 and each channel exactly 8 bits wide, whatever the
+    shifts and endianness.  (This differs from ZRLE's CPIXEL rule: a 32-bpp depth-16 client gets
+    3-byte CPIXELs in ZRLE but full 4-byte pixels in Tight.)"""
+    return (pf.true_colour and pf.bits_per_pixel == 32 and pf.depth == 24
+            and pf.red_max == pf.green_max == pf.blue_max == 255)
+
+
+@dataclass(frozen=True, eq=False)
+class PixelCodec:
+    """How one client pixel format compares and serialises pixels for one encoding family."""
+
+    pf: PixelFormat
+    #: Bytes per encoded pixel on the wire (PIXEL, CPIXEL or TPIXEL size).
+    size: int
+    #: True: keys are native 0x00RRGGBB and wire pixels are TPIXEL (R, G, B bytes).
+    tpixel: bool = False
+    #: Offset of the CPIXEL bytes inside the full wire PIXEL.
+    offset: int = 0
+
+    # -- keys ----------------------------------------------------------------------------------
+    def keys(self, fb: np.ndarray) -> np.ndarray:
+        """Native pixels (any 2-D view, possibly strided) -> contiguous uint32 keys."""
+        if self.tpixel or _same_channels(self.pf):
+            return np.bitwise_and(fb, _RGB_MASK)
+        return np.ascontiguousarray(to_client_values(fb, self.pf), dtype=np.uint32)
+
+    # -- wire bytes ----------------------------------------------------------------------------
+    def encode(self, keys: np.ndarray) -> np.ndarray:
+        """Keys of any shape -> uint8 array of shape ``keys.shape + (size,)``."""
+        keys = np.asarray(keys, dtype=np.uint32)
+        if self.tpixel:
+            out = np.empty(keys.shape + (3,), np.uint8)
+            out[..., 0] = keys >> np.uint32(16)
+            out[..., 1] = keys >> np.uint32(8)
+            out[..., 2] = keys
+            return out
+        pf = self.pf
+        order = ">" if pf.big_endian else "<"
+        bpp = pf.bytes_per_pixel
+        if bpp == 1:
+            full = keys.astype(np.uint8)[..., None]
+        else:
+            wire = np.ascontiguousarray(keys, dtype=np.dtype(order + ("u2" if bpp == 2 else "u4")))
+            full = wire.view(np.uint8).reshape(keys.shape + (bpp,))
+        if self.size == bpp:
+            return full
+        return full[..., self.offset:self.offset + self.size]
+
+    def encode_bytes(self, keys: np.ndarray) -> bytes:
+        """Keys (2-D, row-major) -> wire bytes.  Fast paths for the common 32-bpp cases."""
+        if self.tpixel and keys.ndim == 2 and _LITTLE and keys.size:
+            keys = np.ascontiguousarray(keys, dtype=np.uint32)
+            h, w = keys.shape
+            # Pillow's C unpacker reorders B,G,R,X memory into R,G,B ~3x faster than numpy.
+            return Image.frombuffer("RGB", (w, h), keys, "raw", "BGRX", 0, 1).tobytes()
+        return self.encode(keys).tobytes()
+
+    def pixel(self, key: int) -> bytes:
+        """One key -> its wire bytes."""
+        return self.encode(np.array([key], dtype=np.uint32)).tobytes()
+
+
+def pixel_codec(pf: PixelFormat) -> PixelCodec:
+    """rfbproto PIXEL: the client's bytes-per-pixel and byte order (Raw, Hextile)."""
+    return PixelCodec(pf, pf.bytes_per_pixel)
+
+
+def cpixel_codec(pf: PixelFormat) -> PixelCodec:
+    """ZRLE CPIXEL."""
+    size, offset = cpixel_size(pf)
+    return PixelCodec(pf, size, offset=offset)
+
+
+def tpixel_codec(pf: PixelFormat) -> PixelCodec:
+    """Tight TPIXEL (3 bytes R,G,B) where the rule allows it, else PIXEL."""
+    if is_tpixel(pf):
+        return PixelCodec(pf, 3, tpixel=True)
+    return PixelCodec(pf, pf.bytes_per_pixel)
+
+
+def rgb_image(keys: np.ndarray) -> Image.Image:
+    """Native keys (2-D 0x00RRGGBB) -> a Pillow RGB image (for JPEG), without a numpy pass."""
+    h, w = keys.shape
+    if _LITTLE:
+        return Image.frombuffer("RGB", (w, h), np.ascontiguousarray(keys, dtype=np.uint32),
+                                "raw", "BGRX", 0, 1)
+    return Image.fromarray(PixelCodec(NATIVE, 3, tpixel=True).encode(keys), "RGB")
+
+
+def small_palette(keys: np.ndarray, limit: int) -> np.ndarray | None:
+    """The sorted distinct keys of ``keys`` if there are at most ``limit``, else None.
+
+    Cheap when the answer is "many colours" (the usual case for photos): a sample of about a
+    thousand pixels is checked first, and a full pass only happens when the sample has few
+    colours.  The full pass matches every pixel against the candidate palette and adds the
+    colours of the pixels that missed; each round adds at least one colour, so there are at
+    most ``limit + 1`` rounds, each over a shrinking set of pixels.
+    """
+    flat = keys.reshape(-1)
+    n = flat.size
+    step = (n // 1024) | 1           # odd, so a power-of-two row width does not alias
+    palette = np.unique(flat[::step])
+    if palette.size > limit:
+        return None
+    rest = flat
+    while True:
+        pos = np.searchsorted(palette, rest)
+        np.minimum(pos, palette.size - 1, out=pos)
+        missing = rest[palette[pos] != rest]
+        if missing.size == 0:
+            return palette
+        palette = np.union1d(palette, np.unique(missing[:4096]))
+        if palette.size > limit:
+            return None
+        rest = missing
+
+
+def palette_indices(keys: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """Keys -> uint8 indices into a sorted ``palette`` that contains every key."""
+    if palette.size == 2:
+        return (keys == palette[1]).view(np.uint8)
+    return np.searchsorted(palette, keys).astype(np.uint8)
+
+
+def pack_indices(indices: np.ndarray, bits: int) -> np.ndarray:
+    """(h, w) uint8 indices -> rows of ``bits``-bit fields, leftmost pixel in the most
+    significant bits, each row padded to a whole byte (ZRLE packed palette, Tight mono)."""
+    if bits == 8:
+        return indices
+    if bits == 1:
+        return np.packbits(indices, axis=1)
+    h, w = indices.shape
+    per = 8 // bits
+    wp = -(-w // per) * per
+    if wp != w:
+        padded = np.zeros((h, wp), np.uint8)
+        padded[:, :w] = indices
+        indices = padded
+    groups = indices.reshape(h, wp // per, per)
+    out = np.zeros((h, wp // per), np.uint8)
+    for i in range(per):
+        out |= groups[:, :, i] << np.uint8(8 - bits * (i + 1))
+    return out

@@ -1,0 +1,24 @@
+"""Raw encoding (rfbproto 7.7.1): every pixel in the client's format, row by row.
+
+The fallback every client supports; also what a viewer gets when it lists nothing we encode.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from dmore_nova.rm_vm.rfb.display import Rect
+from dmore_nova.rm_vm.rfb.encodings._pixels import pixel_codec
+from dmore_nova.rm_vm.rfb.encodings.base import Encoder, rect_header
+from dmore_nova.rm_vm.rfb.pixelformat import PixelFormat
+
+ENC_RAW = 0
+
+
+class RawEncoder(Encoder):
+    encoding = ENC_RAW
+
+    def _encode(self, view: np.ndarray, rect: Rect, pf: PixelFormat) -> list[bytes]:
+        codec = pixel_codec(pf)
+        body = codec.encode(codec.keys(view)).tobytes()
+        return [rect_header(rect.x, rect.y, rect.w, rect.h, ENC_RAW) + body]

@@ -1,0 +1,183 @@
+"""Tight encoding (rfbproto "Tight Encoding", number 7): fill, palette, zlib and JPEG.
+
+Each rectangle is cut into sub-rectangles no wider than 2048 pixels (a hard protocol limit)
+and no larger than 65536 pixels (TigerVNC's limit, which keeps every client's buffers small and
+lets each part pick its own method).  Each part is then, in this order:
+
+* **fill** when it is one colour (one TPIXEL, no zlib);
+* **palette** (basic compression, palette filter) when it has 2..16 colours: 1 bit per pixel
+  for two colours (rows padded to bytes), else one index byte per pixel; zlib stream 1 for the
+  two-colour case, 2 for the others;
+* **JPEG** when the client asked for a quality level, its pixel format is TPIXEL-compatible
+  (JPEG decodes to 8-bit R, G, B) and the part is photo-sized;
+* else **copy** (basic compression, copy filter): TPIXELs through zlib stream 0.
+
+Basic-compression data shorter than 12 bytes goes out uncompressed (the spec's rule).  The four
+zlib streams live in the instance, so it belongs to one connection; each stream is (re)started
+with its reset bit set in the compression-control byte the first time this instance uses it and
+after a compression-level change, so a fresh instance is safe even on a connection that used
+Tight before.
+"""
+
+from __future__ import annotations
+
+import io
+import zlib
+
+import numpy as np
+
+from dmore_nova.rm_vm.rfb.display import Rect
+from dmore_nova.rm_vm.rfb.encodings._pixels import (
+    PixelCodec,
+    palette_indices,
+    rgb_image,
+    small_palette,
+    tpixel_codec,
+)
+from dmore_nova.rm_vm.rfb.encodings.base import Encoder, EncodingError, rect_header
+from dmore_nova.rm_vm.rfb.pixelformat import PixelFormat
+
+ENC_TIGHT = 7
+
+#: rfbproto: "the width of any Tight-encoded rectangle cannot exceed 2048 pixels".
+TIGHT_MAX_WIDTH = 2048
+#: Our limit on pixels per Tight rectangle (TigerVNC's SubRectMaxArea).
+TIGHT_MAX_AREA = 65536
+#: rfbproto: basic-compression data shorter than this is sent without zlib.
+TIGHT_MIN_TO_COMPRESS = 12
+#: The compact length holds 7 + 7 + 8 bits.
+TIGHT_MAX_COMPACT_LEN = (1 << 22) - 1
+#: Palette filter sizes we produce (the filter allows up to 256; beyond 16 colours the index
+#: bytes rarely beat JPEG or zlib of the pixels, and finding big palettes costs a full sort).
+TIGHT_MAX_PALETTE = 16
+#: Parts smaller than this stay lossless even when JPEG is allowed: the JPEG headers alone
+#: are ~600 bytes.
+TIGHT_JPEG_MIN_AREA = 1024
+#: zlib level when the client sent no compression level (TigerVNC's default level).
+TIGHT_DEFAULT_ZLIB_LEVEL = 2
+
+# compression-control byte (high nibble) and filter ids, as in rfbproto / TightVNC
+TIGHT_FILL = 0x80
+TIGHT_JPEG = 0x90
+TIGHT_EXPLICIT_FILTER = 0x40
+TIGHT_FILTER_COPY = 0
+TIGHT_FILTER_PALETTE = 1
+TIGHT_FILTER_GRADIENT = 2
+# stream ids, as TightVNC/TigerVNC assign them
+STREAM_FULL_COLOUR = 0
+STREAM_MONO = 1
+STREAM_INDEXED = 2
+
+#: JPEG quality level 0..9 -> (libjpeg quality, Pillow subsampling: 2 = 4:2:0, 1 = 4:2:2,
+#: 0 = 4:4:4).  TigerVNC's table, so levels mean what users of other servers expect.
+JPEG_LEVELS: tuple[tuple[int, int], ...] = (
+    (15, 2), (29, 2), (41, 2), (42, 1), (62, 1), (77, 1), (79, 0), (86, 0), (92, 0), (100, 0),
+)
+
+
+def compact_length(n: int) -> bytes:
+    """Tight's compact representation: 7 bits per byte with a continuation bit, 3 bytes max."""
+    if not 0 <= n <= TIGHT_MAX_COMPACT_LEN:
+        raise EncodingError(f"Tight data length {n} exceeds the compact length limit")
+    if n < 0x80:
+        return bytes((n,))
+    if n < 0x4000:
+        return bytes((n & 0x7F | 0x80, n >> 7))
+    return bytes((n & 0x7F | 0x80, (n >> 7) & 0x7F | 0x80, n >> 14))
+
+
+class TightEncoder(Encoder):
+    encoding = ENC_TIGHT
+
+    def __init__(self, *, quality: int | None = None, compression: int | None = None) -> None:
+        self._streams: list[zlib._Compress | None] = [None] * 4
+        super().__init__(quality=quality, compression=compression)
+
+    def set_levels(self, quality: int | None, compression: int | None) -> None:
+        old = self.compression
+        super().set_levels(quality, compression)
+        if compression != old:
+            # Python's zlib cannot change the level of a running stream (no deflateParams):
+            # start new streams and tell the client to reset its own.
+            self._streams = [None] * 4
+
+    @property
+    def zlib_level(self) -> int:
+        return TIGHT_DEFAULT_ZLIB_LEVEL if self.compression is None else self.compression
+
+    def _encode(self, view: np.ndarray, rect: Rect, pf: PixelFormat) -> list[bytes]:
+        codec = tpixel_codec(pf)
+        keys = codec.keys(view)
+        h, w = keys.shape
+        bw = min(w, TIGHT_MAX_WIDTH)
+        bh = max(1, TIGHT_MAX_AREA // bw)
+        if bh >= 16:
+            bh -= bh % 16          # whole JPEG MCU rows per part
+        jpeg = JPEG_LEVELS[self.quality] if self.quality is not None and codec.tpixel else None
+        out: list[bytes] = []
+        # A run of one-colour full-width parts is merged into one fill rectangle.
+        fill: tuple[int, int, int] | None = None       # (y, height, colour)
+        for by in range(0, h, bh):
+            for bx in range(0, w, bw):
+                part = keys[by:by + bh, bx:bx + bw]
+                c0 = int(part[0, 0])
+                if (part == c0).all():
+                    if bw == w:
+                        if fill is not None and fill[2] == c0:
+                            fill = (fill[0], fill[1] + part.shape[0], c0)
+                            continue
+                        if fill is not None:
+                            out.append(self._fill(rect.x, rect.y + fill[0], w, fill[1], fill[2],
+                                                  codec))
+                        fill = (by, part.shape[0], c0)
+                        continue
+                    out.append(self._fill(rect.x + bx, rect.y + by, part.shape[1],
+                                          part.shape[0], c0, codec))
+                    continue
+                if fill is not None:
+                    out.append(self._fill(rect.x, rect.y + fill[0], w, fill[1], fill[2], codec))
+                    fill = None
+                out.append(self._part(part, rect.x + bx, rect.y + by, codec, jpeg))
+        if fill is not None:
+            out.append(self._fill(rect.x, rect.y + fill[0], w, fill[1], fill[2], codec))
+        return out
+
+    @staticmethod
+    def _fill(x: int, y: int, w: int, h: int, colour: int, codec: PixelCodec) -> bytes:
+        return rect_header(x, y, w, h, ENC_TIGHT) + bytes((TIGHT_FILL,)) + codec.pixel(colour)
+
+    def _part(self, part: np.ndarray, x: int, y: int, codec: PixelCodec,
+              jpeg: tuple[int, int] | None) -> bytes:
+        """One non-solid part (<= 2048 wide, <= 65536 pixels) -> a complete rectangle."""
+        h, w = part.shape
+        header = rect_header(x, y, w, h, ENC_TIGHT)
+        palette = small_palette(part, TIGHT_MAX_PALETTE)
+        if palette is not None:
+            idx = palette_indices(part, palette)
+            if palette.size == 2:
+                stream, data = STREAM_MONO, np.packbits(idx, axis=1).tobytes()
+            else:
+                stream, data = STREAM_INDEXED, idx.tobytes()
+            head = bytes((TIGHT_FILTER_PALETTE, palette.size - 1)) + codec.encode(palette).tobytes()
+            return header + self._basic(stream, True, head, data)
+        if jpeg is not None and h * w >= TIGHT_JPEG_MIN_AREA:
+            buf = io.BytesIO()
+            rgb_image(part).save(buf, "JPEG", quality=jpeg[0], subsampling=jpeg[1])
+            data = buf.getvalue()
+            return header + bytes((TIGHT_JPEG,)) + compact_length(len(data)) + data
+        return header + self._basic(STREAM_FULL_COLOUR, False, b"", codec.encode_bytes(part))
+
+    def _basic(self, stream: int, explicit_filter: bool, head: bytes, data: bytes) -> bytes:
+        """Basic compression: control byte, [filter id + filter data], then the pixel data,
+        raw if shorter than 12 bytes, else compact length + zlib (stream ``stream``)."""
+        ctl = stream << 4
+        if explicit_filter:
+            ctl |= TIGHT_EXPLICIT_FILTER
+        if len(data) < TIGHT_MIN_TO_COMPRESS:
+            return bytes((ctl,)) + head + data
+        z = self._streams[stream]
+        if z is None:
+            z = self._streams[stream] = zlib.compressobj(self.zlib_level)
+            ctl |= 1 << stream          # the client must start a fresh inflate stream too
+        comp = z.compress(data) + z.flush(zlib.Z_SYNC_FLUSH)
+        return bytes((ctl,)) + head + compact_length(len(comp)) + comp
