@@ -4,6 +4,8 @@ rules, watches, transactions, quotas and domain lifecycle, as C xenstored behave
 from __future__ import annotations
 
 import random
+import re
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +18,7 @@ from dmore_nova.xen.io.xs_wire import (
     unpack_error,
     unpack_strings,
 )
+from dmore_nova.xen.sim import xenstore
 from dmore_nova.xen.sim.xenstore import (
     SPECIAL_INTRODUCE,
     SPECIAL_RELEASE,
@@ -925,3 +928,12 @@ def test_perm_parse_and_format():
     for bad in ("", "r", "q1", "r1x", "r 1", "r-1", "r99999999999"):
         with pytest.raises(XsError):
             Perm.parse(bad)
+
+
+def test_perm_bits_match_xenstore_lib_h():
+    header = Path("/usr/include/xenstore_lib.h")
+    if not header.exists():
+        pytest.skip("needs libxen-dev's xenstore_lib.h")
+    defs = dict(re.findall(r"#define\s+(XS_PERM_\w+)\s+(0x[0-9a-fA-F]+|\d+)", header.read_text()))
+    for name in ("XS_PERM_NONE", "XS_PERM_READ", "XS_PERM_WRITE", "XS_PERM_OWNER"):
+        assert int(defs[name], 0) == getattr(xenstore, name), name
