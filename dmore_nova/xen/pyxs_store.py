@@ -46,7 +46,6 @@ from pyxs.helpers import check_path, check_perms, check_watch_path
 
 from dmore_nova.xen import api
 from dmore_nova.xen.real.xenbus_conn import (
-    XENSTORE_PAYLOAD_MAX,
     NotifyingUnixSocketConnection,
     XenBusDeviceConnection,
     default_xenbus_path,
@@ -150,6 +149,7 @@ class PyxsXenStore(api.XenStore):
         else:
             connection = NotifyingUnixSocketConnection(unix_socket_path)
         self.path = connection.path
+        self._max_payload: int = connection.max_payload
         self._r_wake, self._w_wake = socket.socketpair()
         self._r_wake.setblocking(False)
         self._w_wake.setblocking(False)
@@ -192,9 +192,9 @@ class PyxsXenStore(api.XenStore):
         """Send one request through pyxs's router and return the reply payload (raw)."""
         if self._closed:
             raise api.XenError(errno.EBADF, "xenstore connection is closed")
-        if len(payload) > XENSTORE_PAYLOAD_MAX:
+        if len(payload) > self._max_payload:
             raise api.XenError(errno.E2BIG, f"xenstore request of {len(payload)} bytes exceeds "
-                                            f"XENSTORE_PAYLOAD_MAX ({XENSTORE_PAYLOAD_MAX})")
+                                            f"the connection's limit ({self._max_payload})")
         if not self._router.thread.is_alive():
             raise api.XenError(errno.ECONNRESET, f"xenstore connection {self.path!r} lost")
         packet = Packet(op, payload, next_rq_id(), tx_id)

@@ -583,6 +583,19 @@ def test_xenbus_connection_writes_each_packet_in_one_write() -> None:
     assert list(conn._pending_watch_ids) == [43]
 
 
+def test_xenbus_device_payload_limit_counts_the_header(xenbus: FakeXenbusDevice) -> None:
+    # xenbus_dev_frontend's buffer is XENSTORE_PAYLOAD_MAX bytes including the header.
+    with PyxsXenStore(xen_bus_path=xenbus.slave_path, request_timeout=3) as store:
+        path = "/local/domain/3/name"
+        fits = XENSTORE_PAYLOAD_MAX - 16 - len(path) - 1
+        with pytest.raises(api.XenError) as e:
+            store.write(path, b"v" * (fits + 1))
+        assert e.value.errno == errno.E2BIG
+        with pytest.raises(api.XenError) as e:  # the fake answers ENOSYS: it was sent
+            store.write(path, b"v" * fits)
+        assert e.value.errno == errno.ENOSYS
+
+
 def test_xenbus_connection_missing_device_is_unavailable(tmp_path) -> None:  # noqa: ANN001
     with pytest.raises(api.XenUnavailable) as e:
         PyxsXenStore(xen_bus_path=str(tmp_path / "xenbus"))

@@ -41,7 +41,8 @@ from tests.unit.test_pyxs_store import SimDaemon
 REPO = Path(__file__).resolve().parents[2]
 REAL_DIR = REPO / "dmore_nova" / "xen" / "real"
 PAGE = api.XC_PAGE_SIZE
-ALL_LIBS = (libs.evtchn_library(), libs.gnttab_library(), libs.foreignmemory_library())
+STABLE_LIBS = (libs.evtchn_library(), libs.gnttab_library(), libs.foreignmemory_library())
+ALL_LIBS = (*STABLE_LIBS, libs.xenctrl_library())
 
 
 def _lib_installed(lib: libs.XenLibrary) -> bool:
@@ -52,13 +53,14 @@ def _lib_installed(lib: libs.XenLibrary) -> bool:
     return True
 
 
-LIBS_PRESENT = all(_lib_installed(lib) for lib in ALL_LIBS)
+LIBS_PRESENT = all(_lib_installed(lib) for lib in STABLE_LIBS)
+XENCTRL_PRESENT = _lib_installed(ALL_LIBS[3])
 HEADERS_PRESENT = all(Path("/usr/include", lib.header).exists() for lib in ALL_LIBS)
 
 
 def missing(name: str) -> libs.XenLibrary:
     factory = {"evtchn": libs.evtchn_library, "gnttab": libs.gnttab_library,
-               "foreignmemory": libs.foreignmemory_library}[name]
+               "foreignmemory": libs.foreignmemory_library, "xenctrl": libs.xenctrl_library}[name]
     return factory(("libxen-not-installed-here.so.99",))
 
 
@@ -99,7 +101,7 @@ def test_import_and_construction_load_no_xen_library(sim: SimDaemon) -> None:
 
 def test_missing_libraries_fail_at_use_not_construction(store: PyxsXenStore) -> None:
     xen = RealXen(store, evtchn_lib=missing("evtchn"), gnttab_lib=missing("gnttab"),
-                  foreignmemory_lib=missing("foreignmemory"))
+                  foreignmemory_lib=missing("foreignmemory"), xenctrl_lib=missing("xenctrl"))
     with pytest.raises(api.XenUnavailable) as e:
         xen.event_channels()
     assert e.value.errno == errno.ENOENT
@@ -148,7 +150,8 @@ def test_missing_symbol_is_unavailable_enosys() -> None:
 @pytest.mark.skipif(os.path.exists("/dev/xen"), reason="this machine runs on Xen")
 def test_real_libraries_without_dev_xen_are_unavailable(store: PyxsXenStore) -> None:
     xen = RealXen(store, evtchn_lib=libs.evtchn_library(), gnttab_lib=libs.gnttab_library(),
-                  foreignmemory_lib=libs.foreignmemory_library())
+                  foreignmemory_lib=libs.foreignmemory_library(),
+                  xenctrl_lib=libs.xenctrl_library())
     cases: list[tuple[Callable[[], object], str, str]] = [
         (xen.event_channels, "/dev/xen/evtchn", "xen_evtchn"),
         (lambda: xen.map_grant(1, 8), "/dev/xen/gntdev", "xen_gntdev"),
@@ -159,12 +162,16 @@ def test_real_libraries_without_dev_xen_are_unavailable(store: PyxsXenStore) -> 
             call()
         assert e.value.errno == errno.ENOENT
         assert device in str(e.value) and module in str(e.value)
+    # libxenctrl (optional) cannot open privcmd either: domain_info falls back to xenstore.
+    store.write("/local/domain/6/name", "six")
+    assert xen.domain_info(6) == api.DomainInfo(domid=6, name="six")
+    assert xen._xc_failed
     xen.close()
 
 
 @pytest.mark.skipif(not LIBS_PRESENT, reason="Xen libraries not installed")
 def test_loaded_functions_carry_the_declared_prototypes() -> None:
-    for template in ALL_LIBS:
+    for template in ALL_LIBS if XENCTRL_PRESENT else STABLE_LIBS:
         lib = libs.XenLibrary(template.name, template.sonames, template.header,
                               template.package, template.prototypes)
         cdll = lib.get()
@@ -176,7 +183,7 @@ def test_loaded_functions_carry_the_declared_prototypes() -> None:
 
 def test_every_library_function_called_is_declared() -> None:
     declared = {**libs.EVTCHN_PROTOTYPES, **libs.GNTTAB_PROTOTYPES,
-                **libs.FOREIGNMEMORY_PROTOTYPES}
+                **libs.FOREIGNMEMORY_PROTOTYPES, **libs.XENCTRL_PROTOTYPES}
     called = set()
     for src in REAL_DIR.glob("*.py"):
         called |= set(re.findall(r'\.call\(\s*"(\w+)"', src.read_text()))
@@ -188,8 +195,9 @@ def test_every_library_function_called_is_declared() -> None:
 
 needs_gcc = pytest.mark.skipif(shutil.which("gcc") is None or not HEADERS_PRESENT,
                                reason="needs gcc and libxen-dev headers")
-INCLUDES = "#include <stdio.h>\n#include <stddef.h>\n#include <stdint.h>\n" + "".join(
-    f"#include <{lib.header}>\n" for lib in ALL_LIBS)
+# xenctrl.h pulls in domctl.h/sysctl.h, which are only exposed to the toolstack.
+INCLUDES = ("#define __XEN_TOOLS__ 1\n#include <stdio.h>\n#include <stddef.h>\n"
+            "#include <stdint.h>\n" + "".join(f"#include <{lib.header}>\n" for lib in ALL_LIBS))
 
 
 @needs_gcc
@@ -234,6 +242,46 @@ def test_scalar_types_match_ctypes(tmp_path) -> None:  # noqa: ANN001
         size, signed = measured[t.c].split(",")
         assert ctypes.sizeof(t.ctype) == int(size), t.c  # type: ignore[arg-type]
         assert (t.ctype(-1).value < 0) == (signed == "1"), t.c  # type: ignore[misc, operator]
+
+
+@needs_gcc
+def test_xc_dominfo_prefix_matches_xenctrl_h(tmp_path) -> None:  # noqa: ANN001
+    fields = [f[0] for f in libs.XcDominfoPrefix._fields_]
+    flags = [f[0] for f in libs.XcDominfoPrefix._fields_ if len(f) == 3]
+    plain = [f for f in fields if f not in flags]
+    lines = [f'    printf("off {f} %zu\\n", offsetof(xc_dominfo_t, {f}));' for f in plain]
+    for f in flags:
+        lines.append(f"    memset(&d, 0, sizeof d); d.{f} = 1; dump(\"{f}\", &d);")
+    src = tmp_path / "dominfo.c"
+    src.write_text(INCLUDES + "#include <string.h>\n" + textwrap.dedent("""
+        static void dump(const char *name, const xc_dominfo_t *d) {
+            const unsigned char *p = (const unsigned char *)d;
+            for (size_t i = 0; i < sizeof *d; i++)
+                if (p[i]) printf("bit %s %zu %d\\n", name, i, __builtin_ctz(p[i]));
+        }
+        int main(void) {
+            xc_dominfo_t d;
+            printf("size %zu\\n", sizeof(xc_dominfo_t));
+        """) + "\n".join(lines) + "\n    return 0;\n}\n")
+    exe = tmp_path / "dominfo"
+    build = subprocess.run(["gcc", "-Wall", "-Werror", str(src), "-o", str(exe)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr
+    out = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout
+    measured = [line.split() for line in out.splitlines()]
+    size = next(int(m[1]) for m in measured if m[0] == "size")
+    assert size <= libs.XC_DOMINFO_BUFSIZE
+    for kind, *rest in measured:
+        if kind == "off":
+            assert getattr(libs.XcDominfoPrefix, rest[0]).offset == int(rest[1]), rest[0]
+        elif kind == "bit":
+            ours = libs.XcDominfoPrefix()
+            setattr(ours, rest[0], 1)
+            raw = bytes(ours)
+            byte = next(i for i, b in enumerate(raw) if b)
+            assert (byte, (raw[byte] & -raw[byte]).bit_length() - 1) == \
+                (int(rest[1]), int(rest[2])), rest[0]
+    assert {m[1] for m in measured if m[0] == "bit"} == set(flags)
 
 
 # -- a scripted stand-in for the libraries --------------------------------------------------------
@@ -478,12 +526,16 @@ def test_stale_views_after_unmap_do_not_crash() -> None:
         stale = m.mem[4096:4100]
         m.unmap()
         print(bytes(stale))              # zeros from the backing pages, no SIGSEGV
-        maps = open("/proc/self/maps").read()
-        print(any(line.startswith(format(addr, "x") + "-") for line in maps.splitlines()))
+        def mapped(a):
+            for line in open("/proc/self/maps"):
+                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                if lo <= a < hi:
+                    return True
+            return False
+        print(mapped(addr) and mapped(addr + size - 1))
         del stale
         gc.collect()
-        maps = open("/proc/self/maps").read()
-        print(any(line.startswith(format(addr, "x") + "-") for line in maps.splitlines()))
+        print(mapped(addr) or mapped(addr + size - 1))
     """)
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                             text=True, timeout=60)
@@ -528,7 +580,7 @@ def test_domid_from_xenstore(sim: SimDaemon, store: PyxsXenStore, tmp_path) -> N
 
 def test_domain_info_from_xenstore(store: PyxsXenStore) -> None:
     xen = RealXen(store, evtchn_lib=missing("evtchn"), gnttab_lib=missing("gnttab"),
-                  foreignmemory_lib=missing("foreignmemory"))
+                  foreignmemory_lib=missing("foreignmemory"), xenctrl_lib=missing("xenctrl"))
     store.write("/local/domain/3/name", "guest-3")
     store.write("/local/domain/4/device", "")  # being built: no name yet
     assert xen.domain_info(3) == api.DomainInfo(domid=3, name="guest-3")
@@ -537,3 +589,38 @@ def test_domain_info_from_xenstore(store: PyxsXenStore) -> None:
     with pytest.raises(api.XenError) as e:
         xen.domain_info(0x7FF0)
     assert e.value.errno == errno.EINVAL
+
+
+def test_domain_info_uses_hypervisor_state_when_allowed(store: PyxsXenStore) -> None:
+    domains = {3: dict(paused=1, dying=0, max_memkb=262144), 8: dict(paused=0, dying=1,
+                                                                      max_memkb=4096)}
+
+    def getinfo(xc: int, first: int, max_doms: int, buf: ctypes.Array) -> int:
+        assert max_doms == 1
+        if first == 9:
+            return fail(errno.EPERM)  # type: ignore[return-value]
+        up = sorted(d for d in domains if d >= first)
+        if not up:
+            return 0
+        info = libs.XcDominfoPrefix(domid=up[0], **domains[up[0]])
+        ctypes.memmove(buf, ctypes.addressof(info), ctypes.sizeof(info))
+        return 1
+
+    closed = []
+    xc = FakeLib({"xc_interface_open": lambda a, b, c: 0x5C,
+                  "xc_domain_getinfo": getinfo,
+                  "xc_interface_close": lambda h: closed.append(h) or 0},
+                 libs.XENCTRL_PROTOTYPES)
+    xen = RealXen(store, evtchn_lib=missing("evtchn"), gnttab_lib=missing("gnttab"),
+                  foreignmemory_lib=missing("foreignmemory"), xenctrl_lib=xc)  # type: ignore
+    store.write("/local/domain/3/name", "paused-guest")
+    store.write("/local/domain/5/name", "stale")  # Xen: domain 5 is gone (next is 8)
+    store.write("/local/domain/9/name", "not-ours")
+    assert xen.domain_info(3) == api.DomainInfo(3, "paused-guest", dying=False, paused=True,
+                                                max_pages=65536)
+    assert xen.domain_info(8) == api.DomainInfo(8, "", dying=True, paused=False, max_pages=1024)
+    assert xen.domain_info(5) is None
+    assert xen.domain_info(9) == api.DomainInfo(9, "not-ours")  # EPERM: xenstore only
+    assert [c for c, _ in xc.calls].count("xc_interface_open") == 1
+    xen.close()
+    assert closed == [0x5C]

@@ -66,6 +66,8 @@ LOGGER_P = CType(ctypes.c_void_p, "struct xentoollog_logger *")
 EVTCHN_HANDLE_P = CType(ctypes.c_void_p, "xenevtchn_handle *")
 GNTTAB_HANDLE_P = CType(ctypes.c_void_p, "xengnttab_handle *")
 FMEM_HANDLE_P = CType(ctypes.c_void_p, "xenforeignmemory_handle *")
+XC_INTERFACE_P = CType(ctypes.c_void_p, "xc_interface *")
+XC_DOMINFO_P = CType(ctypes.c_void_p, "xc_dominfo_t *")
 XEN_PFN_ARRAY = CType(ctypes.POINTER(XEN_PFN_T.ctype), "const xen_pfn_t *")  # type: ignore[arg-type]
 INT_ARRAY = CType(ctypes.POINTER(ctypes.c_int), "int *")
 
@@ -102,6 +104,47 @@ FOREIGNMEMORY_PROTOTYPES: dict[str, Prototype] = {
                                       INT_ARRAY)),
     "xenforeignmemory_unmap": (C_INT, (FMEM_HANDLE_P, VOID_P, SIZE_T)),
 }
+
+#: libxenctrl is not ABI-stable (its soname carries the Xen version), and ``xc_domain_getinfo``
+#: with ``xc_dominfo_t`` is gone after 4.17; it is only an optional source of domain state.
+XENCTRL_PROTOTYPES: dict[str, Prototype] = {
+    "xc_interface_open": (XC_INTERFACE_P, (LOGGER_P, LOGGER_P, C_UINT)),
+    "xc_interface_close": (C_INT, (XC_INTERFACE_P,)),
+    "xc_domain_getinfo": (C_INT, (XC_INTERFACE_P, UINT32, C_UINT, XC_DOMINFO_P)),
+}
+
+
+class XcDominfoPrefix(ctypes.Structure):
+    """The leading members of 4.17's ``xc_dominfo_t`` (xenctrl.h) that we read; the rest of the
+    struct lands in the spare room of :data:`XC_DOMINFO_BUFSIZE`.  Offsets and the bit
+    positions of the flags are compared with GCC's layout by the unit tests."""
+
+    _fields_ = [
+        ("domid", ctypes.c_uint32),
+        ("ssidref", ctypes.c_uint32),
+        ("dying", ctypes.c_uint, 1),
+        ("crashed", ctypes.c_uint, 1),
+        ("shutdown", ctypes.c_uint, 1),
+        ("paused", ctypes.c_uint, 1),
+        ("blocked", ctypes.c_uint, 1),
+        ("running", ctypes.c_uint, 1),
+        ("hvm", ctypes.c_uint, 1),
+        ("debugged", ctypes.c_uint, 1),
+        ("xenstore", ctypes.c_uint, 1),
+        ("hap", ctypes.c_uint, 1),
+        ("shutdown_reason", ctypes.c_uint),
+        ("nr_pages", ctypes.c_ulong),
+        ("nr_outstanding_pages", ctypes.c_ulong),
+        ("nr_shared_pages", ctypes.c_ulong),
+        ("nr_paged_pages", ctypes.c_ulong),
+        ("shared_info_frame", ctypes.c_ulong),
+        ("cpu_time", ctypes.c_uint64),
+        ("max_memkb", ctypes.c_ulong),
+    ]
+
+
+#: Bytes handed to ``xc_domain_getinfo`` for one ``xc_dominfo_t`` (the test checks it is enough).
+XC_DOMINFO_BUFSIZE = 512
 
 
 class XenLibrary:
@@ -175,10 +218,15 @@ def foreignmemory_library(
                       "libxenforeignmemory1", FOREIGNMEMORY_PROTOTYPES)
 
 
+def xenctrl_library(sonames: tuple[str, ...] = ("libxenctrl.so.4.17",)) -> XenLibrary:
+    return XenLibrary("xenctrl", sonames, "xenctrl.h", "libxenmisc4.17", XENCTRL_PROTOTYPES)
+
+
 #: The process-wide default instances (loading twice would only cost time, but why).
 EVTCHN = evtchn_library()
 GNTTAB = gnttab_library()
 FOREIGNMEMORY = foreignmemory_library()
+XENCTRL = xenctrl_library()
 
 #: errno values from opening a device node that mean "no Xen here" rather than "Xen refused".
 UNAVAILABLE_ERRNOS = frozenset({errno.ENOENT, errno.ENODEV, errno.ENXIO})

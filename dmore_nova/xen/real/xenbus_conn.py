@@ -14,9 +14,11 @@ Why this is safe (Linux ``drivers/xen/xenbus/xenbus_dev_frontend.c``, mainline, 
 ``Kingxukai/linux``; ``xenbus_comms.c``; ``xenbus_xs.c``):
 
 * **Framing.**  ``xenbus_file_write`` accumulates bytes into ``u->u.buffer`` until a whole
-  ``xsd_sockmsg`` header plus ``hdr.len`` bytes of body is present, then acts on it; a message
-  longer than ``XENSTORE_PAYLOAD_MAX`` is refused with ``E2BIG``.  We nevertheless write each
-  packet with one ``write()`` (header and body together) so a message is never split.  Reads
+  ``xsd_sockmsg`` header plus ``hdr.len`` bytes of body is present, then acts on it.  That
+  buffer is ``XENSTORE_PAYLOAD_MAX`` bytes *including* the 16-byte header, so through the device
+  a body may carry at most 4080 bytes (``E2BIG`` beyond; the socket allows 4096):
+  :attr:`XenBusDeviceConnection.max_payload`.  We write each packet with one ``write()``
+  (header and body together) so a message is never split.  Reads
   return queued reply bytes (``xenbus_file_read``), a message possibly spread over several
   ``read()`` calls; pyxs's transport loops until it has the full header and body.
 * **Replies carry our req_id/tx_id.**  Ordinary requests go to xenstored through
@@ -37,8 +39,9 @@ Why this is safe (Linux ``drivers/xen/xenbus/xenbus_dev_frontend.c``, mainline, 
   ``EAGAIN`` (``xb_dev_generation_id`` check in ``xenbus_write_transaction``), i.e. it is
   retried like any conflict.
 
-Old kernels (the 2012 ``torvalds/linux`` snapshot of the same file) answered ``XS_WATCH`` and
-``XS_UNWATCH`` with a zeroed header, which is the bug pyxs's check was written against (pyxs
+Older kernels (e.g. the ``torvalds/linux`` copy of this file at 05e5bd0f, before
+``xenbus_command_reply`` existed) answered ``XS_WATCH`` and ``XS_UNWATCH`` with a header built
+from scratch, ``req_id``/``tx_id`` zero, which is the bug pyxs's check was written against (pyxs
 PR #18 reports ``rq_id`` always zero).  For those we remember the request ids of outstanding
 WATCH/UNWATCH requests and give a zero-id WATCH/UNWATCH reply the oldest one: the driver answers
 these synchronously inside ``write()``, so their replies come back in request order.
@@ -74,6 +77,9 @@ def default_xenbus_path() -> str:
     if os.access(XENBUS_DEVICE_PATHS[0], os.R_OK):
         return XENBUS_DEVICE_PATHS[0]
     return XENBUS_DEVICE_PATHS[1]
+
+
+_HEADER_SIZE = _HEADER.size  # 16
 
 
 class _NotifyOnClose:
@@ -130,6 +136,9 @@ class XenBusDeviceConnection(_NotifyOnClose, PacketConnection):
     :param path: device node; default :func:`default_xenbus_path`.
     """
 
+    #: The largest body the driver accepts: its buffer holds header and body together.
+    max_payload = XENSTORE_PAYLOAD_MAX - _HEADER_SIZE
+
     def __init__(self, path: str | None = None) -> None:
         self.path = path or default_xenbus_path()
         self._watch_lock = threading.Lock()
@@ -143,9 +152,9 @@ class XenBusDeviceConnection(_NotifyOnClose, PacketConnection):
         """One ``write()`` per packet, so the driver never sees a message in pieces."""
         if not self.is_connected:
             raise PyxsConnectionError("not connected")
-        if packet.size > XENSTORE_PAYLOAD_MAX:
-            raise PyxsConnectionError(f"payload of {packet.size} bytes exceeds "
-                                      f"XENSTORE_PAYLOAD_MAX ({XENSTORE_PAYLOAD_MAX})")
+        if packet.size > self.max_payload:
+            raise PyxsConnectionError(f"payload of {packet.size} bytes exceeds the xenbus "
+                                      f"device's limit ({self.max_payload})")
         data = _HEADER.pack(packet.op, packet.rq_id, packet.tx_id, packet.size) + packet.payload
         is_watch = packet.op in (Op.WATCH, Op.UNWATCH)
         if is_watch:
@@ -178,3 +187,6 @@ class XenBusDeviceConnection(_NotifyOnClose, PacketConnection):
 
 class NotifyingUnixSocketConnection(_NotifyOnClose, UnixSocketConnection):
     """pyxs's unix-socket connection (dom0's xenstored, or the simulator) plus ``on_close``."""
+
+    #: xenstored reads the header and then up to ``XENSTORE_PAYLOAD_MAX`` bytes of body.
+    max_payload = XENSTORE_PAYLOAD_MAX
