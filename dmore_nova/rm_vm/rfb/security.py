@@ -14,6 +14,7 @@ RFC 7919 ``ffdhe2048`` group is bundled as PEM: a well-known group, no generatio
 
 from __future__ import annotations
 
+import functools
 import hmac
 import os
 import ssl
@@ -92,8 +93,10 @@ def _permute(value: int, table: tuple[int, ...], width: int) -> int:
     return out
 
 
-def _key_schedule(key: bytes) -> list[int]:
-    """The sixteen 48-bit round keys of an 8-byte DES key (parity bits ignored)."""
+@functools.lru_cache(maxsize=8)
+def _key_schedule(key: bytes) -> tuple[int, ...]:
+    """The sixteen 48-bit round keys of an 8-byte DES key (parity bits ignored).  Cached: a
+    server checks every login against the same password."""
     cd = _permute(int.from_bytes(key, "big"), _PC1, 64)
     c, d = cd >> 28, cd & 0xFFFFFFF
     keys = []
@@ -101,29 +104,62 @@ def _key_schedule(key: bytes) -> list[int]:
         c = ((c << shift) | (c >> (28 - shift))) & 0xFFFFFFF
         d = ((d << shift) | (d >> (28 - shift))) & 0xFFFFFFF
         keys.append(_permute((c << 28) | d, _PC2, 56))
-    return keys
+    return tuple(keys)
+
+
+def _byte_tables(table: tuple[int, ...], width: int) -> tuple[tuple[int, ...], ...]:
+    """Per input byte, what each of its 256 values contributes to the permuted output: a
+    permutation then costs width/8 lookups instead of one step per output bit.  Built from
+    single-bit contributions so that importing this module stays cheap."""
+    bit_out = [0] * (width + 1)  # FIPS bit number -> output mask
+    for out_pos, in_pos in enumerate(table):
+        bit_out[in_pos] |= 1 << (len(table) - 1 - out_pos)
+    tables = []
+    for i in range(width // 8):
+        t = [0] * 256
+        for v in range(1, 256):
+            low = v & -v
+            t[v] = t[v & (v - 1)] | bit_out[8 * i + 9 - low.bit_length()]
+        tables.append(tuple(t))
+    return tuple(tables)
+
+
+def _permute_fast(value: int, tables: tuple[tuple[int, ...], ...], width: int) -> int:
+    out = 0
+    shift = width - 8
+    for t in tables:
+        out |= t[(value >> shift) & 0xFF]
+        shift -= 8
+    return out
+
+
+_IP_T = _byte_tables(_IP, 64)
+_FP_T = _byte_tables(_FP, 64)
+_E_T = _byte_tables(_E, 32)
+_P_T = _byte_tables(_P, 32)
+#: S-box i followed by P, indexed by the box's 6-bit input (row = outer bits, column = inner).
+_SP = tuple(
+    tuple(_permute_fast(_SBOX[i][(((six >> 4) & 2) | (six & 1)) * 16 + ((six >> 1) & 0xF)]
+                        << (28 - 4 * i), _P_T, 32) for six in range(64))
+    for i in range(8))
 
 
 def _feistel(r: int, subkey: int) -> int:
-    x = _permute(r, _E, 32) ^ subkey
-    out = 0
-    for i in range(8):
-        six = (x >> (42 - 6 * i)) & 0x3F
-        row = ((six >> 4) & 2) | (six & 1)
-        col = (six >> 1) & 0xF
-        out = (out << 4) | _SBOX[i][row * 16 + col]
-    return _permute(out, _P, 32)
+    x = _permute_fast(r, _E_T, 32) ^ subkey
+    return (_SP[0][x >> 42] | _SP[1][(x >> 36) & 0x3F] | _SP[2][(x >> 30) & 0x3F]
+            | _SP[3][(x >> 24) & 0x3F] | _SP[4][(x >> 18) & 0x3F] | _SP[5][(x >> 12) & 0x3F]
+            | _SP[6][(x >> 6) & 0x3F] | _SP[7][x & 0x3F])
 
 
 def des_encrypt_block(key: bytes, block: bytes) -> bytes:
     """Encrypt one 8-byte block with single DES (ECB).  Not for anything but VNC Authentication."""
     if len(key) != 8 or len(block) != 8:
         raise ValueError("DES key and block must be 8 bytes")
-    x = _permute(int.from_bytes(block, "big"), _IP, 64)
+    x = _permute_fast(int.from_bytes(block, "big"), _IP_T, 64)
     left, right = x >> 32, x & 0xFFFFFFFF
-    for subkey in _key_schedule(key):
+    for subkey in _key_schedule(bytes(key)):  # bytes: hashable for the cache
         left, right = right, left ^ _feistel(right, subkey)
-    return _permute((right << 32) | left, _FP, 64).to_bytes(8, "big")
+    return _permute_fast((right << 32) | left, _FP_T, 64).to_bytes(8, "big")
 
 
 # -- VNC Authentication (rfbproto 7.2.2) --------------------------------------------------------
