@@ -62,6 +62,9 @@ _POLL_INTERVAL = 0.5
 #: Upper bound on events returned by one ``read_watch_events`` call; the rest stay queued and
 #: keep the fd readable, so a flood cannot make one call unbounded.
 MAX_EVENTS_PER_READ = 4096
+#: Events held for a reader that is not reading; beyond this they collapse into "everything
+#: fired" (see :class:`_SignallingQueue`), so memory stays bounded.
+MAX_QUEUED_EVENTS = 65536
 
 
 def _errno_from_name(name: bytes) -> int:
@@ -86,14 +89,24 @@ def _check(checker: Callable[[Any], object], what: str, value: Any) -> Any:
 
 
 class _SignallingQueue(queue.Queue):
-    """A ``queue.Queue`` whose every ``put`` also makes ``wake_fd`` readable."""
+    """A ``queue.Queue`` whose every ``put`` also makes the ``wake`` socket's peer readable.
 
-    def __init__(self, wake: socket.socket) -> None:
+    Bounded without ever blocking the router thread (which must keep delivering replies): past
+    ``limit`` items an event is dropped and :attr:`overflowed` set; the reader then treats every
+    watch as fired, which is all a dropped event could have said.
+    """
+
+    def __init__(self, wake: socket.socket, limit: int = MAX_QUEUED_EVENTS) -> None:
         super().__init__()
         self._wake = wake
+        self.limit = limit
+        self.overflowed = False
 
     def put(self, item: object, block: bool = True, timeout: float | None = None) -> None:
-        super().put(item, block, timeout)
+        if self.qsize() >= self.limit:
+            self.overflowed = True
+        else:
+            super().put(item, block, timeout)
         _poke(self._wake)
 
 
@@ -372,6 +385,7 @@ class PyxsXenStore(api.XenStore):
 
         Events for tokens no longer watched are dropped (they were queued before ``unwatch``);
         exact repeats within one batch are folded, since an event only means "look again".
+        After an overflow (:data:`MAX_QUEUED_EVENTS`) every active watch is reported once.
         Raises :class:`api.XenError` (ECONNRESET) once the connection is gone.
         """
         with contextlib.suppress(BlockingIOError, OSError):
@@ -380,6 +394,17 @@ class PyxsXenStore(api.XenStore):
         events: list[tuple[str, str]] = []
         seen: set[tuple[bytes, bytes]] = set()
         q = self._monitor.events
+        if q.overflowed:
+            q.overflowed = False
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    q.get_nowait()
+            with self._watch_lock:
+                everything = sorted((p, t) for t, paths in self._watches.items() for p in paths)
+            LOG.warning("%r: more than %d watch events unread; reporting every watch as fired",
+                        self, q.limit)
+            return [(p.decode("ascii", "replace"), t.decode("ascii", "replace"))
+                    for p, t in everything]
         for _ in range(MAX_EVENTS_PER_READ):
             try:
                 wpath, btoken = q.get_nowait()

@@ -313,6 +313,23 @@ def test_event_flood_is_read_in_bounded_batches(xs: PyxsXenStore) -> None:
     assert len(xs.read_watch_events()) == 10
 
 
+def test_event_overflow_reports_every_watch_once(xs: PyxsXenStore) -> None:
+    xs.watch("/o1", "a")
+    xs.watch("/o2", "b")
+    time.sleep(0.2)
+    xs.read_watch_events()
+    q = xs._monitor.events
+    q.limit = 5
+    for i in range(20):
+        xs.write(f"/o1/{i}", "x")
+    time.sleep(0.3)
+    assert q.qsize() == 5 and q.overflowed
+    assert xs.read_watch_events() == [("/o1", "a"), ("/o2", "b")]
+    assert q.qsize() == 0 and not q.overflowed
+    xs.write("/o2/z", "1")  # normal service afterwards
+    assert wait_events(xs) == [("/o2/z", "b")]
+
+
 def test_signalling_queue_never_loses_a_wakeup() -> None:
     r, w = socket.socketpair()
     r.setblocking(False)
@@ -328,10 +345,10 @@ def test_signalling_queue_never_loses_a_wakeup() -> None:
         q.put((b"/p2", b"t"))
         assert [q.get_nowait(), q.get_nowait()] == [(b"/p", b"t"), (b"/p2", b"t")]
         assert fd_readable(r.fileno())
-        # A full socket does not block put.
+        # A full socket does not block put, nor does the item limit.
         for _ in range(200000):
             q.put((b"/x", b"t"))
-        assert q.qsize() == 200000
+        assert q.qsize() == q.limit and q.overflowed
     finally:
         r.close()
         w.close()
