@@ -4,6 +4,7 @@ driven through ctypes)."""
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 import errno
@@ -23,9 +24,31 @@ from pyxs.exceptions import PyXSError
 
 from dmore_nova.xen.sim.xenstore import Quotas, Xenstore
 from dmore_nova.xen.sim.xenstored import XenstoreServer
-from tests.integration.rfb_harness import LoopThread
 
 TIMEOUT = 5.0
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread (the daemon's), driven from the test thread."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True,
+                                       name="sim-xenstored")
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 10.0) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def call(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+        async def _call() -> Any:
+            return fn()
+        return self.run(_call(), timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
 
 
 class SimXenstored:
@@ -280,7 +303,8 @@ def test_two_clients_concurrently_with_a_watcher(xsd):
 
 # pyxs's router thread dies with ConnectionError when the daemon cuts the domain off: expected
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_release_domain_disconnects_it_and_fires_release(xsd):
+@pytest.mark.parametrize("how", ["supervisor-api", "xs-release"])
+def test_release_domain_disconnects_it_and_fires_release(xsd, how):
     with xsd.client() as dom0:
         dom0.mkdir(b"/local/domain/5")  # (pyxs cannot write an empty value)
         dom0.set_perms(b"/local/domain/5", [b"n5", b"r0"])
@@ -292,7 +316,11 @@ def test_release_domain_disconnects_it_and_fires_release(xsd):
         domu = xsd.client(path)
         domu.connect()
         domu.write(b"device/x", b"1")
-        xsd.on_loop(lambda: xsd.server.release_domain(5))
+        if how == "supervisor-api":
+            xsd.on_loop(lambda: xsd.server.release_domain(5))
+        else:
+            dom0.SU = True        # pyxs only sends RELEASE when it thinks it runs in dom0
+            dom0.release_domain(5)
         assert next_event(events) == (b"@releaseDomain", b"rel")
         assert not dom0.exists(b"/local/domain/5")      # owned by 5: deleted
         assert dom0.is_domain_introduced(5) is False

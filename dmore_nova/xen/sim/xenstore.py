@@ -138,6 +138,10 @@ class Quotas:
     max_perms_per_node: int = 5
     #: ``path-max``: path length below ``/local/domain/<domid>/`` (``-M``).  EINVAL.
     max_path_length: int = XENSTORE_REL_PATH_MAX
+    #: Largest request payload the transport accepts; a longer one breaks the connection's
+    #: framing and the connection is dropped (C: ``handle_input``).  The protocol's limit is
+    #: ``XENSTORE_PAYLOAD_MAX``; lowering it makes correct clients fail, so only for tests.
+    max_request_size: int = XENSTORE_PAYLOAD_MAX
     #: Messages a connection may have queued and not yet taken by its transport; beyond that
     #: the connection is closed (C bounds this with its memory quota).  All connections.
     max_queued_messages: int = 65536
@@ -471,6 +475,9 @@ class Xenstore:
         self._conn_seq = 0
         self._domains: dict[int, _Domain] = {0: _Domain(0)}
         self._dom0: Connection | None = None
+        #: Called with the domid after a domain was released (by ``XS_RELEASE`` or the API),
+        #: e.g. so the daemon can stop listening on the domain's socket.
+        self.release_hooks: list[Callable[[int], None]] = []
         # setup_structure(): the initial tree and the special nodes, owned by dom0, "n0".
         none0 = (Perm(0, XS_PERM_NONE),)
         for name, children in (("/", ("tool",)), ("/tool", ("xenstored",)),
@@ -1016,6 +1023,8 @@ class Xenstore:
                 dom.target = None
         self._domain_tree_remove(domid)
         self._fire_special(SPECIAL_RELEASE)
+        for hook in list(self.release_hooks):
+            hook(domid)
 
     def _domain_tree_remove(self, domid: int) -> None:
         stack = ["/"]

@@ -55,7 +55,7 @@ class _XsProtocol(asyncio.Protocol):
         self.listener = listener
         self.transport: asyncio.Transport | None = None
         self.conn: Connection | None = None
-        self.decoder = Decoder()
+        self.decoder = Decoder(server.store.quotas.max_request_size)
         self.closing = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -163,6 +163,7 @@ class XenstoreServer:
         self._listeners: dict[str, _Listener] = {}
         self._protocols: set[_XsProtocol] = set()
         self._label = 0
+        self.store.release_hooks.append(self._domain_released)
 
     def _next_label(self) -> int:
         self._label += 1
@@ -220,6 +221,8 @@ class XenstoreServer:
         return list(self._listeners)
 
     async def close(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.store.release_hooks.remove(self._domain_released)
         for path in list(self._listeners):
             await self.stop_socket(path)
 
@@ -230,13 +233,16 @@ class XenstoreServer:
         return self.store.introduce_domain(domid)
 
     def release_domain(self, domid: int) -> None:
-        """The domain is gone: its sockets close, its nodes go, ``@releaseDomain`` fires
-        (see :meth:`Xenstore.release_domain`)."""
+        """The domain is gone: its clients are cut off, its nodes go, ``@releaseDomain``
+        fires (see :meth:`Xenstore.release_domain`), and its sockets stop listening -- the
+        same as when a toolstack client sends ``XS_RELEASE``."""
+        self.store.release_domain(domid)
+
+    def _domain_released(self, domid: int) -> None:
         for lst in [lst for lst in self._listeners.values()
                     if lst.domain_conn and lst.domid == domid]:
             del self._listeners[lst.path]
             self._close_listener(lst, f"domain {domid} released")
-        self.store.release_domain(domid)
 
     def shutdown_domain(self, domid: int) -> None:
         self.store.shutdown_domain(domid)
