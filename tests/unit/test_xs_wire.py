@@ -47,6 +47,19 @@ int main(void) {
     P(XS_WATCH_PATH); P(XS_WATCH_TOKEN);
     P(XENSTORE_PAYLOAD_MAX); P(XENSTORE_ABS_PATH_MAX); P(XENSTORE_REL_PATH_MAX);
     P(XENSTORE_RING_SIZE);
+    P(XENSTORE_SERVER_FEATURE_RECONNECTION); P(XENSTORE_SERVER_FEATURE_ERROR);
+    P(XENSTORE_CONNECTED); P(XENSTORE_RECONNECT); P(XENSTORE_ERROR_NONE);
+    P(XENSTORE_ERROR_COMM); P(XENSTORE_ERROR_RINGIDX); P(XENSTORE_ERROR_PROTO);
+    P(sizeof(struct xenstore_domain_interface));
+    P(offsetof(struct xenstore_domain_interface, req));
+    P(offsetof(struct xenstore_domain_interface, rsp));
+    P(offsetof(struct xenstore_domain_interface, req_cons));
+    P(offsetof(struct xenstore_domain_interface, req_prod));
+    P(offsetof(struct xenstore_domain_interface, rsp_cons));
+    P(offsetof(struct xenstore_domain_interface, rsp_prod));
+    P(offsetof(struct xenstore_domain_interface, server_features));
+    P(offsetof(struct xenstore_domain_interface, connection));
+    P(offsetof(struct xenstore_domain_interface, error));
     P(sizeof(struct xsd_sockmsg));
     P(offsetof(struct xsd_sockmsg, type)); P(offsetof(struct xsd_sockmsg, req_id));
     P(offsetof(struct xsd_sockmsg, tx_id)); P(offsetof(struct xsd_sockmsg, len));
@@ -111,6 +124,20 @@ def test_constants_and_struct_layout_match_the_header(c_values):
     raw = encode(0x01020304, 0x05060708, 0x090A0B0C, b"xy")
     assert [int.from_bytes(raw[o:o + 4], "little") for o in offsets] == [
         0x01020304, 0x05060708, 0x090A0B0C, 2]
+
+
+def test_ring_interface_layout_and_flags_match_the_header(c_values):
+    values, _ = c_values
+    for name in ("XENSTORE_SERVER_FEATURE_RECONNECTION", "XENSTORE_SERVER_FEATURE_ERROR",
+                 "XENSTORE_CONNECTED", "XENSTORE_RECONNECT", "XENSTORE_ERROR_NONE",
+                 "XENSTORE_ERROR_COMM", "XENSTORE_ERROR_RINGIDX", "XENSTORE_ERROR_PROTO"):
+        assert int(values[name]) == getattr(xs_wire, name), name
+    assert int(values["sizeof(struct xenstore_domain_interface)"]) == \
+        xs_wire.XENSTORE_INTERFACE_SIZE
+    for field in ("req", "rsp", "req_cons", "req_prod", "rsp_cons", "rsp_prod",
+                  "server_features", "connection", "error"):
+        assert int(values[f"offsetof(struct xenstore_domain_interface, {field})"]) == \
+            getattr(xs_wire, f"XENSTORE_INTERFACE_{field.upper()}"), field
 
 
 def test_error_table_matches_the_header(c_values):

@@ -829,9 +829,7 @@ class Xenstore:
             node = self._create(conn, tx, name, b"")
             self._fire(conn, tx, name, node, exact=False)
 
-    def _rm_op(self, conn: Connection | None, tx: Transaction | None,
-               raw: str | bytes | None) -> None:
-        assert conn is not None
+    def _rm_op(self, conn: Connection, tx: Transaction | None, raw: str | bytes | None) -> None:
         name, node = self._lookup(conn, tx, raw, XS_PERM_WRITE)
         if node is None:
             # "Didn't exist already?  Fine, if parent exists."
