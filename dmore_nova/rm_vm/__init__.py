@@ -1,1 +1,2 @@
-"""What runs inside the remote-management (RM) VM: the RFB server, the vkbd/vfb backends, the agent."""
+"""What runs inside the remote-management (RM) VM: the RFB server, the vkbd/vfb backends and
+the agent."""

@@ -66,7 +66,7 @@ def test_slow_viewer_does_not_stall_others_or_the_display(demo_server_factory):
         server.display.notify_damage(Rect(0, 0, server.display.width, server.display.height))
 
     latencies = []
-    for i in range(15):
+    for _i in range(15):
         t0 = time.perf_counter()
         server.on_loop(churn)  # the device side: must never block on a viewer
         assert time.perf_counter() - t0 < 0.5

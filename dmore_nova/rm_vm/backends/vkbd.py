@@ -14,6 +14,7 @@ Differences from QEMU's xenfb input backend, on purpose:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 
 from dmore_nova.rm_vm.backends.xenbus import BackendDevice, DeviceError, parse_uint
 from dmore_nova.rm_vm.rfb.display import (
@@ -26,8 +27,8 @@ from dmore_nova.rm_vm.rfb.display import (
     PointerInput,
 )
 from dmore_nova.xen.api import EventChannels, Xen
-from dmore_nova.xen.io import keymap
 from dmore_nova.xen.io import kbdif as K
+from dmore_nova.xen.io import keymap
 from dmore_nova.xen.io.ring import RingError
 
 #: Events held while the ring is full or the frontend is away (a migration switchover).
@@ -43,7 +44,9 @@ class VkbdBackend(BackendDevice):
     def __init__(self, xen: Xen, evtchns: EventChannels, fe_domid: int, devid: int, *,
                  width: int, height: int) -> None:
         super().__init__(xen, evtchns, fe_domid, devid)
-        self.width, self.height = width, height  # what pointer coordinates are scaled to
+        self.width, self.height = width, height  # the frontend's pointer range (advertised)
+        #: Size of what viewers see and point at; the agent points this at the display.
+        self.display_size: Callable[[], tuple[int, int]] = lambda: (self.width, self.height)
         self.abs_pointer = False
         self.raw_pointer = False
         self.queue: deque[K.XenkbdKey | K.XenkbdPosition | K.XenkbdMotion] = deque()
@@ -144,16 +147,18 @@ class VkbdBackend(BackendDevice):
         self.send(events)
 
     def _scale(self, x: int, y: int) -> tuple[int, int]:
-        """Framebuffer pixels -> what the frontend expects: 0..0x7fff when it asked for raw
-        coordinates (kbdif.h ``feature-raw-pointer``), else its own width/height scale (xen-kbdfront
-        sets ABS_X/ABS_Y ranges from our ``width``/``height``)."""
-        w, h = max(self.width, 1), max(self.height, 1)
-        x = min(max(x, 0), w - 1)
-        y = min(max(y, 0), h - 1)
-        if self.raw_pointer:
-            return (x * K.XENKBD_RAW_POINTER_MAX // max(w - 1, 1),
-                    y * K.XENKBD_RAW_POINTER_MAX // max(h - 1, 1))
-        return x, y
+        """Viewer pixels -> what the frontend expects: 0..0x7fff when it asked for raw
+        coordinates (kbdif.h ``feature-raw-pointer``), else its own scale: xen-kbdfront sets the
+        ABS_X/ABS_Y ranges from the ``width``/``height`` we advertised, which may differ from the
+        framebuffer the viewer sees (``display_size``)."""
+        dw, dh = self.display_size()
+        x = min(max(x, 0), dw - 1)
+        y = min(max(y, 0), dh - 1)
+        tw, th = ((K.XENKBD_RAW_POINTER_MAX + 1, K.XENKBD_RAW_POINTER_MAX + 1)
+                  if self.raw_pointer else (self.width, self.height))
+        if (tw, th) == (dw, dh):
+            return x, y
+        return x * (tw - 1) // max(dw - 1, 1), y * (th - 1) // max(dh - 1, 1)
 
     # -- the ring --------------------------------------------------------------------------
     def send(self, events: list) -> None:

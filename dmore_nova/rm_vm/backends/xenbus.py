@@ -91,7 +91,7 @@ class BackendDevice(abc.ABC):
 
     @abc.abstractmethod
     def connect(self) -> None:
-        """Map the frontend's page(s) and bind its event channel (raise DeviceError on bad values)."""
+        """Map the frontend's page(s) and bind its event channel (DeviceError on bad values)."""
 
     def frontend_connected(self) -> None:
         """The frontend reached Connected: read its ``request-*`` keys."""
@@ -136,15 +136,17 @@ class BackendDevice(abc.ABC):
         return self.port
 
     # -- the state machine -----------------------------------------------------------------
-    def setup(self) -> None:
-        """Find and validate the frontend path the toolstack wrote (QEMU: ``xen_be_try_setup``)."""
+    def setup(self) -> bool:
+        """Find and validate the frontend path the toolstack wrote (QEMU: ``xen_be_try_setup``);
+        False while the toolstack has not plugged the device yet."""
         fe = self.be_read("frontend")
         expected = f"/local/domain/{self.fe_domid}/device/{self.kind}/{self.devid}"
         if fe is None:
-            raise DeviceError("backend has no 'frontend' node")
+            return False
         if fe.decode("ascii", "replace") != expected:
             raise DeviceError(f"frontend path {fe[:200]!r} is not {expected}")
         self.fe_path = expected
+        return True
 
     def check(self) -> None:
         """Advance the state machine as far as the current xenstore contents allow."""
@@ -158,8 +160,8 @@ class BackendDevice(abc.ABC):
             self.fail(f"hypervisor refused: {exc}")
 
     def _check(self) -> None:
-        if not self.fe_path:
-            self.setup()
+        if not self.fe_path and not self.setup():
+            return
         raw = self.fe_read("state")
         try:
             fe_state = XenbusState.Unknown if raw is None else XenbusState.parse(raw)

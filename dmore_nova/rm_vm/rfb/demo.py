@@ -99,8 +99,8 @@ class DemoDisplay(DisplaySource):
         self.cols = max(width // CELL_W, 1)
         self.rows = max(height // CELL_H, HEADER_ROWS + 1)
         self.row, self.col = HEADER_ROWS, 0
-        self._draw_string(0, 0, f" dmore-nova RFB demo  {width}x{height}  type here ".ljust(self.cols),
-                          BAR_FG, BAR_BG)
+        title = f" dmore-nova RFB demo  {width}x{height}  type here "
+        self._draw_string(0, 0, title.ljust(self.cols), BAR_FG, BAR_BG)
         self._draw_pointer_line(notify=False)
         replay, self.text = self.text, ""
         for ch in replay:
@@ -121,8 +121,8 @@ class DemoDisplay(DisplaySource):
 
     def _draw_pointer_line(self, notify: bool = True) -> None:
         x, y, b = self.pointer_state
-        r = self._draw_string(1, 0, f" pointer x={x:<5d} y={y:<5d} buttons={b:#04x}".ljust(self.cols),
-                              POINTER_FG, BG)
+        line = f" pointer x={x:<5d} y={y:<5d} buttons={b:#04x}"
+        r = self._draw_string(1, 0, line.ljust(self.cols), POINTER_FG, BG)
         if notify:
             self.notify_damage(r)
 

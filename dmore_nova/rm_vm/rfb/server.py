@@ -75,7 +75,8 @@ class ServerOptions:
         subtypes: list[int] = []
         for name in self.security_types:
             if name not in SECURITY_NAMES:
-                raise ConfigError(f"unknown security type {name!r}; known: {sorted(SECURITY_NAMES)}")
+                raise ConfigError(
+                    f"unknown security type {name!r}; known: {sorted(SECURITY_NAMES)}")
             sec, sub = SECURITY_NAMES[name]
             if name in ("vnc", "vencrypt-x509vnc") and not self.password:
                 raise ConfigError(f"security type {name!r} needs a password")

@@ -146,14 +146,50 @@ def rgb_image(keys: np.ndarray) -> Image.Image:
     return Image.fromarray(PixelCodec(NATIVE, 3, tpixel=True).encode(keys), "RGB")
 
 
-def small_palette(keys: np.ndarray, limit: int) -> np.ndarray | None:
-    """The sorted distinct keys of ``keys`` if there are at most ``limit``, else None.
+def pad_edge(keys: np.ndarray, tile: int) -> np.ndarray:
+    """Pad (h, w) keys to whole tiles by repeating the last column and row.
+
+    Every padded pixel copies a pixel of its own tile, so each tile keeps its set of colours
+    (solid stays solid, palettes do not grow).  ``np.pad`` does the same ~20x slower on
+    small arrays, which matters for the many tiny rectangles of typing.
+    """
+    h, w = keys.shape
+    ph, pw = -(-h // tile) * tile, -(-w // tile) * tile
+    if (ph, pw) == (h, w):
+        return keys
+    out = np.empty((ph, pw), keys.dtype)
+    out[:h, :w] = keys
+    out[:h, w:] = keys[:, w - 1:w]
+    out[h:, :] = out[h - 1:h, :]
+    return out
+
+
+def map_palette(flat: np.ndarray, palette: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Indices of ``flat`` into ``palette`` (distinct values) and whether every pixel matched.
+
+    One equality pass per colour: for the <= 16 colours used here this beats a binary search
+    (searchsorted) or a gather several times over, and it checks membership for free (the
+    palette is distinct, so a pixel matches at most one entry).
+    """
+    idx = np.zeros(flat.shape, np.uint8)
+    hits = 0
+    for j, colour in enumerate(palette):
+        match = flat == colour
+        hits += int(np.count_nonzero(match))
+        if j:
+            idx += match.view(np.uint8) * np.uint8(j)
+    return idx, hits == flat.size
+
+
+def palette_map(keys: np.ndarray, limit: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(palette, indices)`` when ``keys`` has at most ``limit`` (<= 255) distinct values,
+    else None.  ``indices`` has the shape of ``keys`` (uint8).
 
     Cheap when the answer is "many colours" (the usual case for photos): a sample of about a
-    thousand pixels is checked first, and a full pass only happens when the sample has few
-    colours.  The full pass matches every pixel against the candidate palette and adds the
-    colours of the pixels that missed; each round adds at least one colour, so there are at
-    most ``limit + 1`` rounds, each over a shrinking set of pixels.
+    thousand pixels is checked first.  When the sample has few colours, one exact pass maps
+    every pixel; if some pixels missed (a colour the sample did not see), their colours are
+    added round by round (each round adds at least one, so at most ``limit + 1`` rounds over
+    shrinking sets of pixels) and the final palette is mapped again.
     """
     flat = keys.reshape(-1)
     n = flat.size
@@ -161,24 +197,18 @@ def small_palette(keys: np.ndarray, limit: int) -> np.ndarray | None:
     palette = np.unique(flat[::step])
     if palette.size > limit:
         return None
-    rest = flat
-    while True:
-        pos = np.searchsorted(palette, rest)
-        np.minimum(pos, palette.size - 1, out=pos)
-        missing = rest[palette[pos] != rest]
-        if missing.size == 0:
-            return palette
-        palette = np.union1d(palette, np.unique(missing[:4096]))
+    idx, exact = map_palette(flat, palette)
+    if exact:
+        return palette, idx.reshape(keys.shape)
+    rest = flat[~np.isin(flat, palette)]
+    while rest.size:
+        palette = np.union1d(palette, np.unique(rest[:4096]))
         if palette.size > limit:
             return None
-        rest = missing
-
-
-def palette_indices(keys: np.ndarray, palette: np.ndarray) -> np.ndarray:
-    """Keys -> uint8 indices into a sorted ``palette`` that contains every key."""
-    if palette.size == 2:
-        return (keys == palette[1]).view(np.uint8)
-    return np.searchsorted(palette, keys).astype(np.uint8)
+        rest = rest[~np.isin(rest, palette)]
+    idx, exact = map_palette(flat, palette)
+    assert exact
+    return palette, idx.reshape(keys.shape)
 
 
 def pack_indices(indices: np.ndarray, bits: int) -> np.ndarray:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from dmore_nova.rm_vm.rfb.display import Rect
-from dmore_nova.rm_vm.rfb.encodings._pixels import PixelCodec, pixel_codec
+from dmore_nova.rm_vm.rfb.encodings._pixels import PixelCodec, pad_edge, pixel_codec
 from dmore_nova.rm_vm.rfb.encodings.base import Encoder, rect_header
 from dmore_nova.rm_vm.rfb.pixelformat import PixelFormat
 
@@ -58,9 +58,8 @@ def _tiles(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """(h, w) keys -> (n, 256) tiles in transmission order, tile heights, widths, tiles/row."""
     h, w = keys.shape
     nty, ntx = -(-h // TILE), -(-w // TILE)
-    ph, pw = nty * TILE - h, ntx * TILE - w
-    padded = np.pad(keys, ((0, ph), (0, pw)), mode="edge") if ph or pw else keys
-    tiles = padded.reshape(nty, TILE, ntx, TILE).swapaxes(1, 2).reshape(nty * ntx, TILE * TILE)
+    tiles = pad_edge(keys, TILE).reshape(nty, TILE, ntx, TILE).swapaxes(1, 2)
+    tiles = tiles.reshape(nty * ntx, TILE * TILE)
     row_h = np.full(nty, TILE)
     row_h[-1] = h - TILE * (nty - 1)
     col_w = np.full(ntx, TILE)

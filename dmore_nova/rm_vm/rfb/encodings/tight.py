@@ -29,9 +29,9 @@ import numpy as np
 from dmore_nova.rm_vm.rfb.display import Rect
 from dmore_nova.rm_vm.rfb.encodings._pixels import (
     PixelCodec,
-    palette_indices,
+    pad_edge,
+    palette_map,
     rgb_image,
-    small_palette,
     tpixel_codec,
 )
 from dmore_nova.rm_vm.rfb.encodings.base import Encoder, EncodingError, rect_header
@@ -55,6 +55,10 @@ TIGHT_MAX_PALETTE = 16
 TIGHT_JPEG_MIN_AREA = 1024
 #: zlib level when the client sent no compression level (TigerVNC's default level).
 TIGHT_DEFAULT_ZLIB_LEVEL = 2
+#: Rectangles of at most this many pixels are one part (no planning: typing stays cheap).
+TIGHT_SMALL_AREA = 8192
+#: The planner classifies blocks of this size (one sample of 8x8 pixels each).
+TIGHT_BLOCK = 64
 
 # compression-control byte (high nibble) and filter ids, as in rfbproto / TightVNC
 TIGHT_FILL = 0x80
@@ -109,37 +113,19 @@ class TightEncoder(Encoder):
         codec = tpixel_codec(pf)
         keys = codec.keys(view)
         h, w = keys.shape
-        bw = min(w, TIGHT_MAX_WIDTH)
-        bh = max(1, TIGHT_MAX_AREA // bw)
-        if bh >= 16:
-            bh -= bh % 16          # whole JPEG MCU rows per part
         jpeg = JPEG_LEVELS[self.quality] if self.quality is not None and codec.tpixel else None
-        out: list[bytes] = []
-        # A run of one-colour full-width parts is merged into one fill rectangle.
-        fill: tuple[int, int, int] | None = None       # (y, height, colour)
-        for by in range(0, h, bh):
-            for bx in range(0, w, bw):
-                part = keys[by:by + bh, bx:bx + bw]
-                c0 = int(part[0, 0])
-                if (part == c0).all():
-                    if bw == w:
-                        if fill is not None and fill[2] == c0:
-                            fill = (fill[0], fill[1] + part.shape[0], c0)
-                            continue
-                        if fill is not None:
-                            out.append(self._fill(rect.x, rect.y + fill[0], w, fill[1], fill[2],
-                                                  codec))
-                        fill = (by, part.shape[0], c0)
-                        continue
-                    out.append(self._fill(rect.x + bx, rect.y + by, part.shape[1],
-                                          part.shape[0], c0, codec))
-                    continue
-                if fill is not None:
-                    out.append(self._fill(rect.x, rect.y + fill[0], w, fill[1], fill[2], codec))
-                    fill = None
-                out.append(self._part(part, rect.x + bx, rect.y + by, codec, jpeg))
-        if fill is not None:
-            out.append(self._fill(rect.x, rect.y + fill[0], w, fill[1], fill[2], codec))
+        if h * w <= TIGHT_SMALL_AREA and w <= TIGHT_MAX_WIDTH:
+            c0 = int(keys[0, 0])
+            if (keys == c0).all():
+                return [self._fill(rect.x, rect.y, w, h, c0, codec)]
+            return [self._part(keys, rect.x, rect.y, codec, jpeg, None)]
+        out = []
+        for kind, x, y, pw, ph, colour in plan_parts(keys):
+            if kind == _FILL:
+                out.append(self._fill(rect.x + x, rect.y + y, pw, ph, colour, codec))
+            else:
+                out.append(self._part(keys[y:y + ph, x:x + pw], rect.x + x, rect.y + y, codec,
+                                      jpeg, kind == _RICH))
         return out
 
     @staticmethod
@@ -147,20 +133,26 @@ class TightEncoder(Encoder):
         return rect_header(x, y, w, h, ENC_TIGHT) + bytes((TIGHT_FILL,)) + codec.pixel(colour)
 
     def _part(self, part: np.ndarray, x: int, y: int, codec: PixelCodec,
-              jpeg: tuple[int, int] | None) -> bytes:
-        """One non-solid part (<= 2048 wide, <= 65536 pixels) -> a complete rectangle."""
+              jpeg: tuple[int, int] | None, rich: bool | None) -> bytes:
+        """One part (<= 2048 wide, <= 65536 pixels) -> a complete rectangle.
+
+        ``rich``: True if the planner saw many colours (skip the palette search), False if
+        it saw few (stay lossless even when JPEG is allowed: UI and text), None if unknown.
+        """
         h, w = part.shape
         header = rect_header(x, y, w, h, ENC_TIGHT)
-        palette = small_palette(part, TIGHT_MAX_PALETTE)
-        if palette is not None:
-            idx = palette_indices(part, palette)
+        found = None if rich else palette_map(part, TIGHT_MAX_PALETTE)
+        if found is not None:
+            palette, idx = found
+            if palette.size == 1:
+                return header + bytes((TIGHT_FILL,)) + codec.pixel(int(palette[0]))
             if palette.size == 2:
                 stream, data = STREAM_MONO, np.packbits(idx, axis=1).tobytes()
             else:
                 stream, data = STREAM_INDEXED, idx.tobytes()
             head = bytes((TIGHT_FILTER_PALETTE, palette.size - 1)) + codec.encode(palette).tobytes()
             return header + self._basic(stream, True, head, data)
-        if jpeg is not None and h * w >= TIGHT_JPEG_MIN_AREA:
+        if jpeg is not None and rich is not False and h * w >= TIGHT_JPEG_MIN_AREA:
             buf = io.BytesIO()
             rgb_image(part).save(buf, "JPEG", quality=jpeg[0], subsampling=jpeg[1])
             data = buf.getvalue()
@@ -181,3 +173,67 @@ class TightEncoder(Encoder):
             ctl |= 1 << stream          # the client must start a fresh inflate stream too
         comp = z.compress(data) + z.flush(zlib.Z_SYNC_FLUSH)
         return bytes((ctl,)) + head + compact_length(len(comp)) + comp
+
+
+_FILL, _POOR, _RICH = 0, 1, 2
+
+
+def plan_parts(keys: np.ndarray) -> list[tuple[int, int, int, int, int, int]]:
+    """Cut a rectangle into Tight parts: ``(kind, x, y, w, h, colour)`` relative to it.
+
+    The rectangle is divided into 64x64 blocks, classified for all blocks at once: *fill*
+    (one colour: one comparison per pixel), *rich* (an 8x8 sample of the block already shows
+    more than 16 colours: photo-like) or *poor* (the rest: UI, text, flat areas).  Each block
+    row is then cut into runs of blocks of one class (and one colour for fills), each run
+    within the width and area limits; fill runs with the same x-extent and colour in
+    consecutive block rows are merged into one tall fill.  Rich parts may go out as JPEG,
+    poor ones stay lossless, so text next to a photo stays sharp.
+    """
+    h, w = keys.shape
+    b = TIGHT_BLOCK
+    nby, nbx = -(-h // b), -(-w // b)
+    padded = pad_edge(keys, b)
+    corner = padded[::b, ::b]
+    solid = (padded.reshape(nby, b, nbx, b) == corner[:, None, :, None]).all(axis=(1, 3))
+    step = b // 8
+    sample = padded[step // 2::step, step // 2::step].reshape(nby, 8, nbx, 8)
+    sample = np.sort(sample.transpose(0, 2, 1, 3).reshape(nby, nbx, 64), axis=2)
+    distinct = 1 + np.count_nonzero(sample[..., 1:] != sample[..., :-1], axis=2)
+    cls = np.where(solid, _FILL, np.where(distinct > TIGHT_MAX_PALETTE, _RICH, _POOR)).tolist()
+    colours = corner.tolist()
+
+    parts: list[tuple[int, int, int, int, int, int]] = []
+    open_fills: dict[tuple[int, int, int], list[int]] = {}     # (x, w, colour) -> [y, h]
+    for r in range(nby):
+        y = r * b
+        bh = min(b, h - y)
+        limit = {_FILL: TIGHT_MAX_WIDTH // b,
+                 _POOR: max(1, min(TIGHT_MAX_WIDTH, TIGHT_MAX_AREA // bh) // b)}
+        limit[_RICH] = limit[_POOR]
+        row, row_colours = cls[r], colours[r]
+        next_fills: dict[tuple[int, int, int], list[int]] = {}
+        c = 0
+        while c < nbx:
+            kind, colour = row[c], row_colours[c]
+            e = c + 1
+            while (e < nbx and e - c < limit[kind] and row[e] == kind
+                   and (kind != _FILL or row_colours[e] == colour)):
+                e += 1
+            x = c * b
+            bw = min(e * b, w) - x
+            if kind == _FILL:
+                key = (x, bw, colour)
+                fill = open_fills.pop(key, None)
+                if fill is None:
+                    fill = [y, 0]
+                fill[1] += bh
+                next_fills[key] = fill
+            else:
+                parts.append((kind, x, y, bw, bh, 0))
+            c = e
+        for (x, bw, colour), (fy, fh) in open_fills.items():
+            parts.append((_FILL, x, fy, bw, fh, colour))
+        open_fills = next_fills
+    for (x, bw, colour), (fy, fh) in open_fills.items():
+        parts.append((_FILL, x, fy, bw, fh, colour))
+    return parts

@@ -23,9 +23,10 @@ from dmore_nova.rm_vm.rfb.display import Rect
 from dmore_nova.rm_vm.rfb.encodings._pixels import (
     PixelCodec,
     cpixel_codec,
+    map_palette,
     pack_indices,
-    palette_indices,
-    small_palette,
+    pad_edge,
+    palette_map,
 )
 from dmore_nova.rm_vm.rfb.encodings.base import Encoder, rect_header
 from dmore_nova.rm_vm.rfb.pixelformat import PixelFormat
@@ -96,10 +97,12 @@ def _encode_tile(tile: np.ndarray, wire: np.ndarray, codec: PixelCodec) -> bytes
     runs = starts.size
     raw_size = n * bpc
     # Palette: mostly single-pixel runs means only a packed palette could beat raw.
+    idx = None
     if runs * 2 > n:
-        palette = small_palette(tile, MAX_PACKED_PALETTE)
+        found = palette_map(tile, MAX_PACKED_PALETTE)
+        palette, idx = found if found is not None else (None, None)
     else:
-        palette = np.unique(flat[starts])
+        palette = np.unique(flat[starts])      # every colour starts a run: exact
         if palette.size > MAX_RLE_PALETTE:
             palette = None
     nlen_total = int(_length_bytes(lengths).sum())
@@ -130,7 +133,8 @@ def _encode_tile(tile: np.ndarray, wire: np.ndarray, codec: PixelCodec) -> bytes
     assert palette is not None
     pal = codec.encode(palette).tobytes()
     if choice == "packed":
-        idx = palette_indices(tile, palette)
+        if idx is None:
+            idx = map_palette(flat, palette)[0].reshape(th, tw)
         return bytes((palette.size,)) + pal + pack_indices(idx, bits).tobytes()
     idx = np.searchsorted(palette, flat[starts]).astype(np.uint8)
     buf, offs = _rle(lengths, 1, single=True)
@@ -160,8 +164,6 @@ def _solid_tiles(keys: np.ndarray) -> list[list[bool]]:
     """Which tiles are one colour, decided for all tiles with one comparison."""
     h, w = keys.shape
     nty, ntx = -(-h // TILE), -(-w // TILE)
-    ph, pw = nty * TILE - h, ntx * TILE - w
-    padded = np.pad(keys, ((0, ph), (0, pw)), mode="edge") if ph or pw else keys
-    t = padded.reshape(nty, TILE, ntx, TILE)
+    t = pad_edge(keys, TILE).reshape(nty, TILE, ntx, TILE)
     corner = t[:, :1, :, :1]
     return (t == corner).all(axis=(1, 3)).tolist()
