@@ -75,8 +75,9 @@ class RealXen(api.Xen):
     def domid(self) -> int:
         """Read from xenstore every time: the RM VM's domid changes when it migrates.
 
-        libxl writes ``/local/domain/<id>/domid``; the relative path ``domid`` resolves to our
-        own domain's directory.  dom0 may lack the node (older toolstacks), and is 0.
+        ``~/domid`` is "the domain's own ID" (Xen ``docs/misc/xenstore-paths.pandoc``); the
+        relative path ``domid`` resolves to our own domain's directory.  If the node is missing
+        in the control domain, it is dom0.
         """
         raw = self.xenstore.read("domid")
         if raw is None:
