@@ -74,6 +74,8 @@ SIM_MAX_MAPTRACK = 4096
 SIM_MAX_QUEUED_REQUESTS = 256
 """Requests a connection may have waiting; a client flooding past this is dropped."""
 SIM_MAX_NAME = 64
+ASYNC_OPS = frozenset({SimOp.XEN_DOMCTL_createdomain, SimOp.XEN_DOMCTL_destroydomain})
+"""Operations whose handlers wait (sockets to open or close); all others answer at once."""
 DEFAULT_DOM0_PAGES = 1024
 
 RUN_INFO = "host.json"
@@ -274,16 +276,29 @@ class HcConnection:
                 self.host.close_connection(self, "request flood")
                 return
             self.requests.append(msg)
-        if self.requests and self._worker is None:
-            self._worker = self.host.loop.create_task(self._work())
+        self._run()
+
+    def _run(self) -> None:
+        """Answer queued requests in order: synchronous ones right here (the common case: an
+        event-channel notify must not pay for a task switch), and from the first one that
+        has to wait (domain creation, destruction) on in a task, which keeps the order."""
+        while self.requests and self._worker is None and not self.closed:
+            req = self.requests[0]
+            if req.op in ASYNC_OPS:
+                self._worker = self.host.loop.create_task(self._work())
+                return
+            self.requests.popleft()
+            self.send(*self.host.dispatch(self, req))
 
     async def _work(self) -> None:
         try:
             while self.requests and not self.closed:
                 req = self.requests.popleft()
-                data, fds = await self.host.dispatch(self, req)
-                if not self.closed:
-                    self.send(data, fds)
+                if req.op in ASYNC_OPS:
+                    data, fds = await self.host.dispatch_async(self, req)
+                else:
+                    data, fds = self.host.dispatch(self, req)
+                self.send(data, fds)
         finally:
             self._worker = None
 
@@ -659,21 +674,35 @@ class SimHost:
 
     # -- dispatch --------------------------------------------------------------------------------
 
-    async def dispatch(self, conn: HcConnection, req: hc.Request) -> tuple[bytes, list[int]]:
-        """Run one request; always produce exactly one reply (error replies included)."""
+    def dispatch(self, conn: HcConnection, req: hc.Request) -> tuple[bytes, list[int]]:
+        """Run one synchronous request; always exactly one reply (error replies included)."""
         try:
-            out = self._handlers[req.op](conn, req.args)
-            if asyncio.iscoroutine(out):
-                out = await out
-            result, fds = out if out is not None else ({}, [])
-            return hc.encode_reply(req.op, req.req_id, 0, **result), fds
-        except XenError as e:
+            return self._ok(req, self._handlers[req.op](conn, req.args))
+        except Exception as e:
+            return self._failed(conn, req, e)
+
+    async def dispatch_async(self, conn: HcConnection, req: hc.Request
+                             ) -> tuple[bytes, list[int]]:
+        """Run one of :data:`ASYNC_OPS`."""
+        try:
+            return self._ok(req, await self._handlers[req.op](conn, req.args))
+        except Exception as e:
+            return self._failed(conn, req, e)
+
+    @staticmethod
+    def _ok(req: hc.Request, out: Any) -> tuple[bytes, list[int]]:
+        result, fds = out if out is not None else ({}, [])
+        return hc.encode_reply(req.op, req.req_id, 0, **result), fds
+
+    @staticmethod
+    def _failed(conn: HcConnection, req: hc.Request, e: Exception) -> tuple[bytes, list[int]]:
+        if isinstance(e, XenError):
             code = e.errno if isinstance(e.errno, int) and e.errno > 0 else errno.EIO
             LOG.debug("%r %s -> %s", conn, req.op.name, e)
             return hc.encode_reply(req.op, req.req_id, -code, reason=e.strerror or str(e)), []
-        except Exception as e:  # a bug in the host: answer, log, keep serving
-            LOG.exception("%r %s failed", conn, req.op.name)
-            return hc.encode_reply(req.op, req.req_id, -errno.EIO, reason=f"host error: {e}"), []
+        # A bug in the host: answer, log, keep serving.
+        LOG.error("%r %s failed", conn, req.op.name, exc_info=e)
+        return hc.encode_reply(req.op, req.req_id, -errno.EIO, reason=f"host error: {e}"), []
 
     def _need_dom0(self, conn: HcConnection, what: str) -> None:
         if conn.domid != 0:
