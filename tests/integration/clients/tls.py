@@ -43,7 +43,7 @@ def make_test_pki(directory: str | Path, host_ip: str = "127.0.0.1") -> TestPKI:
     """Write ca-cert.pem, server-cert.pem, server-key.pem (P-256 keys) into ``directory``."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = _name("dmore test CA")
     ca = (x509.CertificateBuilder()
