@@ -20,12 +20,16 @@ def plug(xs0, fe: int, be: int, kind: str, devid: int = 0) -> None:
     """Write the backend and frontend dirs as the toolstack does (dom0 rights)."""
     bp = f"/local/domain/{be}/backend/{kind}/{fe}/{devid}"
     fp = f"/local/domain/{fe}/device/{kind}/{devid}"
-    for k, v in (("frontend", fp), ("frontend-id", fe), ("online", 1), ("state", 1)):
-        xs0.write(f"{bp}/{k}", str(v))
-    xs0.set_perms(bp, [f"n{be}", f"r{fe}"])
-    for k, v in (("backend", bp), ("backend-id", be), ("state", 1)):
-        xs0.write(f"{fp}/{k}", str(v))
-    xs0.set_perms(fp, [f"n{fe}", f"r{be}"])
+    # As libxl: every node of the backend dir owned by the backend domain and readable by the
+    # frontend, and the other way round.
+    for base, owner, reader, keys in (
+            (bp, be, fe, (("frontend", fp), ("frontend-id", fe), ("online", 1), ("state", 1))),
+            (fp, fe, be, (("backend", bp), ("backend-id", be), ("state", 1)))):
+        xs0.mkdir(base)
+        xs0.set_perms(base, [f"n{owner}", f"r{reader}"])
+        for k, v in keys:
+            xs0.write(f"{base}/{k}", str(v))
+            xs0.set_perms(f"{base}/{k}", [f"n{owner}", f"r{reader}"])
 
 
 class ManualKbd:

@@ -1,0 +1,258 @@
+"""The RM agent on a sim host: xenbus handshake, input into the vkbd ring, the guest framebuffer to
+viewers, resume (fresh connect), ring-full queueing, and hostile frontends."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import pytest
+
+from dmore_nova.rm_vm.agent import RMAgent
+from dmore_nova.xen.api import XenError
+from dmore_nova.xen.io import fbif as F
+from dmore_nova.xen.io import kbdif as K
+from dmore_nova.xen.io import keymap
+from dmore_nova.xen.io.xenbus import XenbusState
+from dmore_nova.xen.sim.supervisor import Supervisor
+from tests.integration.manual_frontend import ManualFb, ManualKbd, plug
+from tests.integration.rawclient import RawClient
+from tests.integration.rfb_harness import LoopThread
+
+KC = keymap.LINUX_KEYCODES
+
+
+@pytest.fixture
+def host():
+    base = tempfile.mkdtemp(prefix="dag", dir="/tmp")
+    shm = f"/dev/shm/dag-{os.getpid()}-{os.path.basename(base)}"
+    sup = Supervisor(base, shm)
+    h = sup.start_host("h")
+    yield h
+    try:
+        sup.stop_host("h")
+    except XenError:
+        pass
+    shutil.rmtree(base, ignore_errors=True)
+    shutil.rmtree(shm, ignore_errors=True)
+
+
+class Rig:
+    """A guest with both devices plugged, the agent as dom0 backend on its own loop."""
+
+    def __init__(self, host) -> None:
+        with host.toolstack() as ts:
+            self.guest = ts.create_domain("guest", 2048)
+        self.xen0 = host.xen(0)
+        for kind in ("vkbd", "vfb"):
+            plug(self.xen0.xenstore, self.guest, 0, kind)
+        self.lt = LoopThread()
+        self.agent = RMAgent(self.xen0, self.guest)
+        self.port = self.lt.run(self.agent.start("127.0.0.1", 0))
+        self.kernel = host.kernel(self.guest)
+
+    def be_state(self, kind: str) -> int:
+        raw = self.xen0.xenstore.read(f"/local/domain/0/backend/{kind}/{self.guest}/0/state")
+        return int(raw) if raw else 0
+
+    def wait(self, pred, timeout: float = 5.0, what: str = "") -> None:
+        deadline = time.monotonic() + timeout
+        while not pred():
+            if time.monotonic() > deadline:
+                raise TimeoutError(what)
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.lt.run(self.agent.stop())
+        self.lt.stop()
+        self.kernel.close()
+        self.xen0.close()
+
+
+@pytest.fixture
+def rig(host):
+    r = Rig(host)
+    yield r
+    r.close()
+
+
+def connect_both(rig: Rig) -> tuple[ManualKbd, ManualFb]:
+    rig.wait(lambda: rig.be_state("vkbd") == XenbusState.InitWait, what="vkbd InitWait")
+    xs = rig.kernel.xenstore
+    assert xs.read(f"/local/domain/0/backend/vkbd/{rig.guest}/0/feature-abs-pointer") == b"1"
+    kbd = ManualKbd(rig.kernel, 0)
+    kbd.publish()
+    fb = ManualFb(rig.kernel, 0)
+    fb.publish()
+    rig.wait(lambda: rig.be_state("vkbd") == XenbusState.Connected, what="vkbd Connected")
+    rig.wait(lambda: rig.be_state("vfb") == XenbusState.Connected, what="vfb Connected")
+    kbd.publish(XenbusState.Connected)
+    fb.publish(XenbusState.Connected)
+    return kbd, fb
+
+
+def wait_kbd(kbd: ManualKbd, n: int, timeout: float = 5.0) -> list:
+    got: list = []
+    deadline = time.monotonic() + timeout
+    while len(got) < n and time.monotonic() < deadline:
+        got += kbd.take()
+        time.sleep(0.005)
+    return got
+
+
+def test_handshake_keys_pointer_and_framebuffer(rig):
+    kbd, fb = connect_both(rig)
+    c = RawClient("127.0.0.1", rig.port)
+    c.full_frame()
+    assert (c.width, c.height) == (fb.width, fb.height)
+    # Guest draws: the viewer sees exactly the guest's pixels.
+    c.request()
+    fb.draw(10, 20, 30, 5, 0x00FF8000)
+    c.wait_for_update()
+    assert (c.fb[20:25, 10:40] & 0xFFFFFF == 0xFF8000).all()
+    assert (c.fb[0:20] == 0).all()
+    # Keys: 'a' as keysym only, 'A' (needs Shift, synthesised), Enter.
+    for ks in (ord("a"), ord("A"), 0xFF0D):
+        c.key(ks, True)
+        c.key(ks, False)
+    evs = wait_kbd(kbd, 8)
+    keys = [(e.keycode, e.pressed) for e in evs if isinstance(e, K.XenkbdKey)]
+    assert keys == [(KC["KEY_A"], True), (KC["KEY_A"], False),
+                    (keymap.KEY_LEFTSHIFT, True), (KC["KEY_A"], True),
+                    (keymap.KEY_LEFTSHIFT, False), (KC["KEY_A"], False),
+                    (KC["KEY_ENTER"], True), (KC["KEY_ENTER"], False)]
+    # Pointer: viewer pixels (320x200 fb) scaled to the advertised 800x600 range; buttons.
+    c.pointer(319, 199, 1)
+    c.pointer(160, 100, 0)
+    evs = wait_kbd(kbd, 4)
+    pos = [(e.abs_x, e.abs_y) for e in evs if isinstance(e, K.XenkbdPosition)]
+    btn = [(e.keycode, e.pressed) for e in evs if isinstance(e, K.XenkbdKey)]
+    assert pos == [(799, 599), (160 * 799 // 319, 100 * 599 // 199)]
+    assert btn == [(keymap.BTN_LEFT, True), (keymap.BTN_LEFT, False)]
+    c.close()
+
+
+def test_resize_reaches_viewers(rig):
+    kbd, fb = connect_both(rig)
+    c = RawClient("127.0.0.1", rig.port)
+    c.full_frame()
+    c.request()
+    fb.send(F.XenfbResize(width=160, height=100, stride=320 * 4, depth=32, offset=0))
+    rects = c.wait_for_update()
+    assert any(r[4] in (-308, -223) for r in rects)
+    assert (c.width, c.height) == (160, 100)
+    c.close()
+
+
+def test_ring_full_keys_wait_and_arrive_in_order(rig):
+    kbd, fb = connect_both(rig)
+    c = RawClient("127.0.0.1", rig.port)
+    c.full_frame()
+    letters = [ord(ch) for ch in "abcdefghijklmnopqrstuvwxyz"] * 40  # 1040 keys, 2080 events
+    for ks in letters:
+        c.key(ks, True)
+        c.key(ks, False)
+    # The guest reads slowly: a few events at a time, notifying after each batch.
+    got: list = []
+    deadline = time.monotonic() + 30
+    while len(got) < 2 * len(letters) and time.monotonic() < deadline:
+        got += [e for e in K.kbd_in_get(kbd.page, max_items=7)]
+        rig.kernel.notify(kbd.port)
+        time.sleep(0.001)
+    codes = [e.keycode for e in got if isinstance(e, K.XenkbdKey) and e.pressed]
+    expected = [keymap.keysym_to_linux(ks)[0] for ks in letters]
+    assert codes == expected
+    assert rig.agent.vkbd.dropped == 0
+    c.close()
+
+
+def test_frontend_restart_is_a_fresh_connect(rig):
+    """What a resumed Linux kbdfront does: new page + grant + port, state Initialised again."""
+    kbd, fb = connect_both(rig)
+    old_port = rig.agent.vkbd.port
+    kbd2 = ManualKbd(rig.kernel, 0)
+    kbd2.publish(XenbusState.Initialising)
+    kbd2.publish(XenbusState.Initialised)
+    rig.wait(lambda: rig.agent.vkbd.page is not None and rig.agent.vkbd.port != old_port
+             and rig.be_state("vkbd") == XenbusState.Connected, what="reconnect")
+    c = RawClient("127.0.0.1", rig.port)
+    c.full_frame()
+    c.key(ord("q"))
+    evs = wait_kbd(kbd2, 1)
+    assert [(e.keycode, e.pressed) for e in evs] == [(KC["KEY_Q"], True)]
+    assert K.XenkbdPage(kbd.page).in_prod == 0  # nothing went to the old page
+    c.close()
+
+
+@pytest.mark.parametrize("kind,override,reason", [
+    ("vkbd", {"page-gref": "notanumber"}, "page-gref"),
+    ("vkbd", {"page-gref": "99999"}, "hypervisor refused"),
+    ("vkbd", {"event-channel": "4096000"}, "event-channel"),
+    ("vfb", {"page-ref": "999999"}, "hypervisor refused"),
+    ("vfb", {"protocol": "sparc-abi"}, "protocol"),
+])
+def test_hostile_xenstore_values_close_only_that_device(rig, kind, override, reason):
+    rig.wait(lambda: rig.be_state("vkbd") == XenbusState.InitWait, what="InitWait")
+    kbd = ManualKbd(rig.kernel, 0)
+    fb = ManualFb(rig.kernel, 0)
+    (kbd if kind == "vkbd" else fb).publish(**override)
+    (fb if kind == "vkbd" else kbd).publish()
+    other = "vfb" if kind == "vkbd" else "vkbd"
+    rig.wait(lambda: rig.be_state(kind) == XenbusState.Closing, what=f"{kind} Closing")
+    rig.wait(lambda: rig.be_state(other) == XenbusState.Connected, what=f"{other} Connected")
+    err = rig.xen0.xenstore.read(f"/local/domain/0/backend/{kind}/{rig.guest}/0/error")
+    assert err is not None and reason.encode() in err
+    c = RawClient("127.0.0.1", rig.port)  # viewers are still served
+    c.full_frame()
+    c.close()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("width", 100000), ("height", 0), ("line_length", 4), ("depth", 7),
+    ("mem_length", 1 << 30),
+])
+def test_hostile_fb_geometry_closes_vfb(rig, field, value):
+    rig.wait(lambda: rig.be_state("vfb") == XenbusState.InitWait, what="InitWait")
+    fb = ManualFb(rig.kernel, 0)
+    setattr(fb.page, field, value)
+    fb.publish()
+    rig.wait(lambda: rig.be_state("vfb") == XenbusState.Closing, what="vfb Closing")
+
+
+def test_hostile_ring_indices_and_events(rig):
+    kbd, fb = connect_both(rig)
+    c = RawClient("127.0.0.1", rig.port)
+    c.full_frame()
+    # Hostile fb events: updates far outside, negative sizes, a huge resize; then out_prod
+    # far ahead of out_cons.
+    fb.send(F.XenfbUpdate(x=-5, y=-5, width=1 << 30, height=-1),
+            F.XenfbUpdate(x=1 << 30, y=0, width=10, height=10))
+    time.sleep(0.1)
+    assert rig.be_state("vfb") == XenbusState.Connected
+    fb.page.out_prod = fb.page.out_cons + 1000
+    rig.kernel.notify(fb.port)
+    rig.wait(lambda: rig.be_state("vfb") == XenbusState.Closing, what="vfb Closing")
+    # The keyboard: in_cons far ahead (prod - cons > LEN): the vkbd closes, nothing written.
+    K.XenkbdPage(kbd.page).in_cons = 0x80000000
+    before = bytes(kbd.page)
+    c.key(ord("x"))
+    rig.wait(lambda: rig.be_state("vkbd") == XenbusState.Closing, what="vkbd Closing")
+    assert bytes(kbd.page) == before
+    c.full_frame()  # the server and this viewer go on
+    c.close()
+
+
+def test_state_flapping_is_bounded(rig):
+    kbd, fb = connect_both(rig)
+    xs = rig.kernel.xenstore
+    for _ in range(200):
+        xs.write(f"{kbd.path}/state", "1")
+        xs.write(f"{kbd.path}/state", "3")
+    rig.wait(lambda: rig.agent.vkbd.closed_reason is not None
+             or rig.be_state("vkbd") == XenbusState.Connected, timeout=10, what="settled")
+    if rig.agent.vkbd.closed_reason is not None:
+        assert "flapped" in rig.agent.vkbd.closed_reason
+    np.testing.assert_equal(rig.be_state("vfb"), XenbusState.Connected)
