@@ -18,6 +18,7 @@ setup(
         "websockify>=0.11",
         "pyxs>=0.4.1",
         "numpy>=1.24",
+        "Pillow>=10",
     ],
     extras_require={
         "jpeg": ["Pillow>=10"],
@@ -26,6 +27,8 @@ setup(
     entry_points={
         "console_scripts": [
             "dmore-rfb-demo = dmore_nova.rm_vm.rfb.__main__:main",
+            "dmore-rm-agent = dmore_nova.cmd.rm_agent:main",
+            "dmore-sim = dmore_nova.xen.sim.supervisor:main",
         ],
         "oslo.config.opts": [
             "dmore_nova = dmore_nova.conf:list_opts",

@@ -1,0 +1,30 @@
+"""[agent]: the RM agent (one guest's console: RFB server + vkbd/vfb backends)."""
+
+from __future__ import annotations
+
+from oslo_config import cfg
+
+GROUP = cfg.OptGroup("agent", title="RM agent")
+
+OPTS = [
+    cfg.StrOpt("xen", default="sim", choices=["sim", "real"],
+               help="Hypervisor implementation: the userspace simulator or real Xen."),
+    cfg.StrOpt("sim_run_dir",
+               help="Run directory of the sim host to attach to (xen=sim)."),
+    cfg.IntOpt("backend_domid", default=0, min=0, max=0x7FEF,
+               help="The domain this agent acts as on the sim (0 = dom0, or the RM VM's "
+                    "domid). On real Xen the own domid is read from xenstore."),
+    cfg.IntOpt("guest_domid", min=1, max=0x7FEF,
+               help="The guest whose vkbd/vfb this agent serves."),
+    cfg.IntOpt("devid", default=0, min=0, help="Device index of the guest's vkbd/vfb."),
+    cfg.IntOpt("width", default=800, min=64, max=4096,
+               help="Mode offered to the guest (vfb width, vkbd pointer range)."),
+    cfg.IntOpt("height", default=600, min=64, max=4096, help="See width."),
+    cfg.IntOpt("videoram_mb", default=16, min=1, max=64,
+               help="Largest guest framebuffer accepted, in MiB (vfb 'videoram')."),
+]
+
+
+def register_opts(conf: cfg.ConfigOpts) -> None:
+    conf.register_group(GROUP)
+    conf.register_opts(OPTS, group=GROUP)
