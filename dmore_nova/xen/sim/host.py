@@ -37,6 +37,7 @@ import errno
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -65,14 +66,21 @@ LOG = logging.getLogger(__name__)
 
 SIM_MAX_DOMAINS = 256
 """Domains alive (or dying) at once on one host, dom0 included."""
-SIM_MAX_CONNECTIONS = 1024
+SIM_MAX_CONNECTIONS = 512
 """Hypercall connections at once over all domains."""
 SIM_MAX_EVTCHN_HANDLES = 64
 """Event-channel handles per connection (open ``/dev/xen/evtchn`` files per process)."""
+SIM_MAX_EVTCHN_HANDLES_TOTAL = 2048
+"""Event-channel handles over the whole host (each costs the host one fd)."""
+ACCEPT_RETRY_DELAY = 0.5
 SIM_MAX_MAPTRACK = 4096
 """Grant mappings one (mapper) domain may hold at once (Xen's maptrack table)."""
-SIM_MAX_QUEUED_REQUESTS = 256
-"""Requests a connection may have waiting; a client flooding past this is dropped."""
+SIM_MAX_QUEUED_REQUESTS = 1024
+"""Decoded requests a connection may have waiting (behind a domain creation, or a blocked
+reply); a client pipelining past this is dropped."""
+RECV_SIZE = 4096
+"""Bytes read per readiness event: at most 341 requests (12-byte header + 0..4 bytes), well
+inside SIM_MAX_QUEUED_REQUESTS."""
 SIM_MAX_NAME = 64
 ASYNC_OPS = frozenset({SimOp.XEN_DOMCTL_createdomain, SimOp.XEN_DOMCTL_destroydomain})
 """Operations whose handlers wait (sockets to open or close); all others answer at once."""
@@ -248,7 +256,7 @@ class HcConnection:
         if self.closed:
             return
         try:
-            data = self.sock.recv(65536)
+            data = self.sock.recv(RECV_SIZE)
         except BlockingIOError:
             return
         except OSError as e:
@@ -281,8 +289,10 @@ class HcConnection:
     def _run(self) -> None:
         """Answer queued requests in order: synchronous ones right here (the common case: an
         event-channel notify must not pay for a task switch), and from the first one that
-        has to wait (domain creation, destruction) on in a task, which keeps the order."""
-        while self.requests and self._worker is None and not self.closed:
+        has to wait (domain creation, destruction) on in a task, which keeps the order.
+        While a reply cannot be sent (the client does not read), nothing more is processed
+        or read: see :meth:`_flush`."""
+        while self.requests and self._worker is None and not self.closed and not self._writer:
             req = self.requests[0]
             if req.op in ASYNC_OPS:
                 self._worker = self.host.loop.create_task(self._work())
@@ -299,6 +309,8 @@ class HcConnection:
                 else:
                     data, fds = self.host.dispatch(self, req)
                 self.send(data, fds)
+                if self._writer:
+                    break           # output blocked: _flush resumes with _run
         finally:
             self._worker = None
 
@@ -336,12 +348,18 @@ class HcConnection:
                     self.out.popleft()
                     continue
             if not self._writer:
+                # Backpressure: a client that does not read its replies is neither read from
+                # nor served until it does, so it can make us hold one blocked reply and at
+                # most one recv's worth of decoded requests.
+                self.host.loop.remove_reader(self.sock.fileno())
                 self.host.loop.add_writer(self.sock.fileno(), self._flush)
                 self._writer = True
             return
         if self._writer and not self.closed:
             self.host.loop.remove_writer(self.sock.fileno())
+            self.host.loop.add_reader(self.sock.fileno(), self._on_readable)
             self._writer = False
+            self._run()
 
     def close(self) -> None:
         if self.closed:
@@ -379,6 +397,7 @@ class SimHost:
         self.evtchn = EventChannelSwitch(max_ports)
         self.xenstored: XenstoreServer | None = None
         self.connections: set[HcConnection] = set()
+        self.nr_evtchn_handles = 0
         self._next_domid = 1
         self._loop: asyncio.AbstractEventLoop | None = None
         self._handlers: dict[SimOp, Handler] = {
@@ -637,7 +656,18 @@ class SimHost:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
-            LOG.warning("accept on dom%d failed: %s", dom.domid, e)
+            # EMFILE and friends: the pending connection stays queued and the listener stays
+            # readable, so stop watching it for a moment instead of spinning.
+            LOG.warning("accept on dom%d failed: %s; pausing accepts for %.1fs", dom.domid, e,
+                        ACCEPT_RETRY_DELAY)
+            listener = dom.listener
+            self.loop.remove_reader(listener.fileno())
+
+            def resume() -> None:
+                if dom.listener is listener:
+                    self.loop.add_reader(listener.fileno(), self._accept, dom)
+
+            self.loop.call_later(ACCEPT_RETRY_DELAY, resume)
             return
         if len(self.connections) >= SIM_MAX_CONNECTIONS or dom.dying:
             LOG.warning("refusing hypercall connection for dom%d (%s)", dom.domid,
@@ -671,6 +701,7 @@ class SimHost:
         self.evtchn.close_owner(h.conn.domid, h)
         h.close()
         h.conn.evtchn_handles.pop(h.hid, None)
+        self.nr_evtchn_handles -= 1
 
     # -- dispatch --------------------------------------------------------------------------------
 
@@ -734,10 +765,16 @@ class SimHost:
     def _op_evtchn_open(self, conn: HcConnection, a: dict[str, Any]):
         if len(conn.evtchn_handles) >= SIM_MAX_EVTCHN_HANDLES:
             raise _xerr(errno.EMFILE, f"{SIM_MAX_EVTCHN_HANDLES} handles already open")
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        if self.nr_evtchn_handles >= SIM_MAX_EVTCHN_HANDLES_TOTAL:
+            raise _xerr(errno.ENFILE, f"{SIM_MAX_EVTCHN_HANDLES_TOTAL} handles open on host")
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as e:
+            raise _xerr(e.errno or errno.ENFILE, f"no delivery socket: {e}") from e
         ours.setblocking(False)
         hid = conn.new_handle_id()
         conn.evtchn_handles[hid] = EvtchnHandle(self, conn, hid, ours)
+        self.nr_evtchn_handles += 1
         # The reply path dups the fd when it queues the reply, right after this returns;
         # our copy of the client's end goes after that.
         self.loop.call_soon(theirs.close)
@@ -864,7 +901,18 @@ class SimHost:
 
 # -- process entry point ---------------------------------------------------------------------------
 
+def _raise_fd_limit() -> None:
+    """Connections, delivery sockets and in-flight fds all cost the host descriptors: take
+    what the hard limit allows (the SIM_MAX_* limits above are sized for a few thousand)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 async def _amain(args: argparse.Namespace) -> int:
+    _raise_fd_limit()
     host = SimHost(args.name, Path(args.run_dir), Path(args.shm_dir), dom0_pages=args.dom0_pages)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
