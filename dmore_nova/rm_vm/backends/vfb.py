@@ -87,6 +87,7 @@ def _convert(src: np.ndarray, depth: int) -> np.ndarray:
 
 class VfbBackend(BackendDevice):
     kind = "vfb"
+    connect_keys = ("page-ref", "event-channel")
 
     def __init__(self, xen: Xen, evtchns: EventChannels, fe_domid: int, devid: int, *,
                  display: VfbDisplay, videoram_mb: int = 16, width: int = 800,

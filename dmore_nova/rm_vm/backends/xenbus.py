@@ -65,6 +65,8 @@ class BackendDevice(abc.ABC):
     """
 
     kind: str = ""
+    #: Frontend keys that identify one connection (ring reference, event channel).
+    connect_keys: tuple[str, ...] = ("event-channel",)
 
     def __init__(self, xen: Xen, evtchns: EventChannels, fe_domid: int, devid: int) -> None:
         self.xen = xen
@@ -79,6 +81,7 @@ class BackendDevice(abc.ABC):
         self.port: int | None = None
         self.page: Mapping | None = None
         self.fe_connected = False
+        self.connected_values: tuple[bytes | None, ...] = ()
         self.closed_reason: str | None = None
         self._reconnects: deque[float] = deque(maxlen=FLAP_LIMIT)
         self.log = logging.LoggerAdapter(LOG, {})
@@ -167,8 +170,9 @@ class BackendDevice(abc.ABC):
             fe_state = XenbusState.Unknown if raw is None else XenbusState.parse(raw)
         except ValueError as exc:
             raise DeviceError(f"frontend state: {exc}") from None
-        if fe_state != self.fe_state:
-            self.log.info("%s: frontend %s -> %s", self.name, self.fe_state.name, fe_state.name)
+        prev_fe_state = self.fe_state
+        if fe_state != prev_fe_state:
+            self.log.info("%s: frontend %s -> %s", self.name, prev_fe_state.name, fe_state.name)
         self.fe_state = fe_state
 
         if self.state in (XenbusState.Initialising, XenbusState.Unknown):
@@ -188,8 +192,10 @@ class BackendDevice(abc.ABC):
                 self.set_state(XenbusState.Closed)
             return
 
-        if fe_state in (XenbusState.Initialising, XenbusState.Initialised) and self.state in (
-                XenbusState.Connected, XenbusState.Closing, XenbusState.Closed):
+        if fe_state in (XenbusState.Initialising, XenbusState.Initialised) and (
+                self.state in (XenbusState.Closing, XenbusState.Closed)
+                or (self.state is XenbusState.Connected and self._frontend_restarted(
+                    prev_fe_state))):
             # The frontend starts over (resume after migration, or a driver reload).
             self._count_reconnect()
             self.disconnect()
@@ -199,6 +205,7 @@ class BackendDevice(abc.ABC):
         if self.state is XenbusState.InitWait and fe_state in (XenbusState.Initialised,
                                                                XenbusState.Connected):
             t0 = time.perf_counter()
+            self.connected_values = self.connect_values()
             self.connect()
             self.set_state(XenbusState.Connected)
             self.log.info("%s: connected (mapped + bound port %s) in %.3f ms", self.name,
@@ -208,6 +215,19 @@ class BackendDevice(abc.ABC):
                 and not self.fe_connected):
             self.fe_connected = True
             self.frontend_connected()
+
+    def _frontend_restarted(self, prev_fe_state: XenbusState) -> bool:
+        """While we are Connected, a frontend in Initialising/Initialised is either still
+        waiting to see our Connected (nothing to do) or has started over: it came back from
+        Connected, or it published a different ring/event channel (watch events can coalesce,
+        so the intermediate states may never be seen)."""
+        if prev_fe_state in (XenbusState.Connected, XenbusState.Closing, XenbusState.Closed):
+            return True
+        return self.connect_values() != self.connected_values
+
+    def connect_values(self) -> tuple[bytes | None, ...]:
+        """What the frontend published for the connection (compared to detect a restart)."""
+        return tuple(self.fe_read(k) for k in self.connect_keys)
 
     def _count_reconnect(self) -> None:
         now = time.monotonic()
