@@ -551,6 +551,10 @@ def test_vencrypt_x509none_session(x509_pair: tuple[ssl.SSLContext, bytes]) -> N
     conn, events = tls_session(cfg, C.VENCRYPT_X509NONE, client)
     assert events == [] and bytes(client.plain) == u32(0)
     assert client.obj.getpeercert()["subject"] == ((("commonName", "localhost"),),)
+    # TLS 1.3 without session tickets: tickets in the SecurityResult flight hang TigerVNC 1.12.
+    assert client.obj.version() == "TLSv1.3"
+    assert ctx.num_tickets == 0
+    assert client.obj.session is not None and not client.obj.session.has_ticket
     events = conn.receive_data(client.send(b"\x01"))
     assert events == [ev.ClientInit(True)]
 

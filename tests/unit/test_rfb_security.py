@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import os
+import pathlib
 import random
 import ssl
+import subprocess
 
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, modes
@@ -19,6 +21,7 @@ from dmore_nova.rm_vm.rfb.security import (
     FFDHE2048_PEM,
     des_encrypt_block,
     make_anon_tls_context,
+    make_x509_tls_context,
     vnc_auth_check,
     vnc_auth_key,
     vnc_auth_response,
@@ -189,3 +192,24 @@ def test_anon_context_refuses_authenticated_only_client() -> None:
     client_ctx.set_ciphers("ECDHE+AESGCM")
     with pytest.raises(ssl.SSLError):
         _handshake(make_anon_tls_context(), client_ctx)
+
+
+def test_x509_context_has_no_session_tickets(tmp_path: pathlib.Path) -> None:
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost"],
+                   check=True, capture_output=True)
+    server_ctx = make_x509_tls_context(str(cert), str(key))
+    assert server_ctx.num_tickets == 0 and make_anon_tls_context().num_tickets == 0
+    client_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_ctx.load_verify_locations(cafile=str(cert))
+    s_in, s_out, c_in, c_out = (ssl.MemoryBIO() for _ in range(4))
+    server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
+    client = client_ctx.wrap_bio(c_in, c_out, server_hostname="localhost")
+    _pump(server, s_in, s_out, client, c_in, c_out)
+    server.write(b"hi")
+    c_in.write(s_out.read())
+    assert client.read(10) == b"hi"
+    assert client.version() == "TLSv1.3"
+    assert not client.session.has_ticket

@@ -33,7 +33,7 @@ from dmore_nova.rm_vm.rfb import constants as C
 from dmore_nova.rm_vm.rfb import events as ev
 from dmore_nova.rm_vm.rfb.display import KeyInput, PointerInput, Rect
 from dmore_nova.rm_vm.rfb.pixelformat import NATIVE, PixelFormat, PixelFormatError
-from dmore_nova.rm_vm.rfb.security import vnc_auth_check
+from dmore_nova.rm_vm.rfb.security import quiet_tls_context, vnc_auth_check
 
 __all__ = [
     "ConnState",
@@ -101,7 +101,11 @@ class ServerConfig:
 
     def check(self) -> None:
         """Raise ValueError for a configuration that could not complete any handshake it offers
-        (better at start-up than as a puzzling failure in front of the first viewer)."""
+        (better at start-up than as a puzzling failure in front of the first viewer).
+
+        Also turns off TLS 1.3 session tickets on the given TLS contexts
+        (:func:`~dmore_nova.rm_vm.rfb.security.quiet_tls_context`), without which TigerVNC's
+        viewer hangs right after an X509 handshake."""
         if not self.security_types:
             raise ValueError("no security type offered")
         for sec in self.security_types:
@@ -127,6 +131,9 @@ class ServerConfig:
                 raise ValueError(f"VeNCrypt subtype {sub} needs tls_x509_context")
             if sub == C.VENCRYPT_X509VNC and self.password is None:
                 raise ValueError("VeNCrypt X509Vnc offered without a password")
+        for ctx in (self.tls_anon_context, self.tls_x509_context):
+            if ctx is not None:
+                quiet_tls_context(ctx)  # TLS 1.3 tickets hang TigerVNC: see its docstring
         for name in ("max_cut_text", "max_encodings", "max_screens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")

@@ -24,6 +24,8 @@ __all__ = [
     "FFDHE2048_PEM",
     "des_encrypt_block",
     "make_anon_tls_context",
+    "make_x509_tls_context",
+    "quiet_tls_context",
     "vnc_auth_check",
     "vnc_auth_key",
     "vnc_auth_response",
@@ -216,6 +218,7 @@ def make_anon_tls_context() -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(ANON_CIPHERS)
+    quiet_tls_context(ctx)
     fd, path = tempfile.mkstemp(prefix="dmore-ffdhe2048-", suffix=".pem")
     try:
         with os.fdopen(fd, "w") as f:
@@ -223,4 +226,27 @@ def make_anon_tls_context() -> ssl.SSLContext:
         ctx.load_dh_params(path)
     finally:
         os.unlink(path)
+    return ctx
+
+
+def make_x509_tls_context(certfile: str, keyfile: str | None = None) -> ssl.SSLContext:
+    """Server context for VeNCrypt X509None/X509Vnc: certificate-authenticated TLS 1.2+."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(certfile, keyfile)
+    quiet_tls_context(ctx)
+    return ctx
+
+
+def quiet_tls_context(ctx: ssl.SSLContext) -> ssl.SSLContext:
+    """Disable TLS 1.3 session tickets on a server context (idempotent; returns ``ctx``).
+
+    OpenSSL sends two NewSessionTicket messages right after a TLS 1.3 handshake, in the same
+    flight as the first RFB bytes (SecurityResult or the VNC challenge).  TigerVNC 1.12's viewer
+    then hangs in "processing security result message": GnuTLS has already pulled those bytes
+    off the socket, so the viewer waits for a readability that never comes (measured here with
+    X509None; TLS 1.2, or no tickets, connects).  VNC clients never resume sessions, so the
+    tickets buy nothing.
+    """
+    ctx.num_tickets = 0
     return ctx
