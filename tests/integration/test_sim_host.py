@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import json
 import os
 import select
@@ -554,3 +555,28 @@ def test_client_not_reading_replies_gets_backpressure_not_lost_replies(host):
     sender.join(10)
     assert got == [i % 100 for i in range(nreq)]
     s.close()
+
+
+def test_readonly_mappings_get_a_readonly_fd(host, guest):
+    k = host.kernel(guest)
+    conn = HypercallConnection(hypercall_path(host.run_dir, 0))
+    try:
+        frame = k.alloc_page()
+        gref = k.grant_foreign_access(0, frame, readonly=True)
+        res, fds = conn.call(SimOp.GNTTABOP_map_grant_ref, dom=guest, ref=gref,
+                             flags=hc.GNTMAP_host_map | hc.GNTMAP_readonly)
+        assert res["frame"] == frame and len(fds) == 1
+        assert fcntl.fcntl(fds[0], fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        os.close(fds[0])
+        conn.call(SimOp.GNTTABOP_unmap_grant_ref, handle=res["handle"])
+        for writable, mode in ((0, os.O_RDONLY), (1, os.O_RDWR)):
+            _, fds = conn.call(SimOp.privcmd_mmapbatch, dom=guest, writable=writable,
+                               frames=[frame])
+            assert fcntl.fcntl(fds[0], fcntl.F_GETFL) & os.O_ACCMODE == mode
+            os.close(fds[0])
+        with pytest.raises(XenError) as e:                  # unmapping twice
+            conn.call(SimOp.GNTTABOP_unmap_grant_ref, handle=res["handle"])
+        assert e.value.errno == errno.EINVAL
+    finally:
+        conn.close()
+        k.close()

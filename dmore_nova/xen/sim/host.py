@@ -827,7 +827,7 @@ class SimHost:
         mid = conn.new_map_id()
         conn.grant_maps[mid] = GrantMap(granter.domid, a["ref"], readonly)
         conn.dom.maptrack += 1
-        return {"handle": mid, "frame": frame}, [granter.memory.mem_fd]
+        return {"handle": mid, "frame": frame}, [granter.memory.fd_for(not readonly)]
 
     def _unmap(self, conn: HcConnection, mid: int) -> None:
         gm = conn.grant_maps.pop(mid, None)
@@ -859,7 +859,7 @@ class SimHost:
         if bad:
             raise _xerr(errno.EINVAL, f"dom{domid} has no frame {bad[0]:#x} "
                                       f"({target.max_pages} pages)")
-        return {}, [target.memory.mem_fd]
+        return {}, [target.memory.fd_for(bool(a["writable"]))]
 
     # toolstack
     async def _op_createdomain(self, conn: HcConnection, a: dict[str, Any]):

@@ -242,10 +242,13 @@ class DomainMemory:
         self.gnttab_path = gnttab_path(shm_dir, domid)
         flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
         self.mem_fd = os.open(self.mem_path, flags, 0o600)
-        self.gnttab_fd = -1
+        self.mem_ro_fd = self.gnttab_fd = -1
         self._gnttab_mm: mmap.mmap | None = None
         try:
             os.ftruncate(self.mem_fd, nr_pages * PAGE_SIZE)
+            # Read-only mappings are handed this one, so that the kernel enforces read-only
+            # in the mapper's process, not just the Python view.
+            self.mem_ro_fd = os.open(self.mem_path, os.O_RDONLY | os.O_CLOEXEC)
             self.gnttab_fd = os.open(self.gnttab_path, flags, 0o600)
             os.ftruncate(self.gnttab_fd, nr_grant_frames * PAGE_SIZE)
             self._gnttab_mm = mmap.mmap(self.gnttab_fd, nr_grant_frames * PAGE_SIZE,
@@ -257,6 +260,9 @@ class DomainMemory:
         self.grant_table = GrantTable(domid, self._gnttab_view, nr_pages,
                                       nr_grant_frames * GRANT_ENTRIES_PER_FRAME)
 
+    def fd_for(self, writable: bool) -> int:
+        return self.mem_fd if writable else self.mem_ro_fd
+
     def close(self, unlink: bool = True) -> None:
         """Drop the host's hold.  Processes that still map the files keep their pages (as a
         dying Xen domain's pages live on while foreign-mapped); the names disappear."""
@@ -267,7 +273,7 @@ class DomainMemory:
         if self._gnttab_mm is not None:
             self._gnttab_mm.close()
             self._gnttab_mm = None
-        for attr in ("mem_fd", "gnttab_fd"):
+        for attr in ("mem_fd", "mem_ro_fd", "gnttab_fd"):
             fd = getattr(self, attr)
             if fd >= 0:
                 os.close(fd)
