@@ -7,7 +7,7 @@
 # changes again.  qemu_vnc.py embeds the assembled bytes (TESTCARD_CODE); rebuild them with
 #   as --32 -o t.o qemu_testcard.S && ld -m elf_i386 -Ttext 0xf0000 --oformat binary -o t.bin t.o
 # Pixel (x, y) = 0x336699 where (y & 0x40) and x < 320, else R = (x ^ y) & 0xff, G = y & 0xff,
-# B = x & 0xff (testcard_expected() in qemu_vnc.py computes the same picture).
+# B = x & 0xff (expected_testcard() in qemu_vnc.py computes the same picture).
 # It needs TCG: under (nested) KVM here the real->protected mode far jump never completes.
 .code16
 .globl _start

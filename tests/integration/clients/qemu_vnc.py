@@ -8,7 +8,7 @@ client (keysym *and* XT scancode) can be checked against a server that is not ou
 The guest has no BIOS and no disk: ``-bios`` is a 64 KiB test-card firmware (source in
 ``qemu_testcard.S``) that paints a 640x480x32 picture through the Bochs VBE interface and halts,
 so the screen is static from ~0.2 s after start, rich enough to exercise every encoder, and
-predictable (:func:`testcard_expected`).
+predictable (:func:`expected_testcard`).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def testcard_firmware() -> bytes:
     return bytes(rom)
 
 
-def testcard_expected() -> np.ndarray:
+def expected_testcard() -> np.ndarray:
     """The picture the test card paints, computed independently of QEMU, as (h, w, 3) RGB."""
     y, x = np.mgrid[0:TESTCARD_HEIGHT, 0:TESTCARD_WIDTH]
     out = np.empty((TESTCARD_HEIGHT, TESTCARD_WIDTH, 3), dtype=np.uint8)
@@ -198,7 +198,7 @@ class QemuVnc:
 
     def wait_testcard(self, timeout: float = BOOT_SETTLE_TIMEOUT) -> np.ndarray:
         """Wait until QEMU's screen is the finished test card; return QEMU's screendump of it."""
-        want = testcard_expected()
+        want = expected_testcard()
 
         def done() -> tuple[np.ndarray] | None:
             cur = self.screendump()

@@ -21,6 +21,7 @@ screen copies are taken *on the reactor thread*, so a test never reads a half-pa
 from __future__ import annotations
 
 import itertools
+import struct
 
 import numpy as np
 from twisted.internet.defer import Deferred
@@ -41,6 +42,7 @@ ENCODINGS: dict[str, int] = {
     "hextile": vrfb.Encoding.HEXTILE,
     "zrle": vrfb.Encoding.ZRLE,
 }
+_NAMES = {v: k for k, v in ENCODINGS.items()}
 _PSEUDO = {
     "desktop-size": vrfb.Encoding.PSEUDO_DESKTOP_SIZE,
     "last-rect": vrfb.Encoding.PSEUDO_LAST_RECT,
@@ -68,8 +70,18 @@ class _Client(VNCDoToolClient):
             self.setPixelFormat(_PIXEL_FORMATS[pf])
             self._image_mode = {"rgbx32": "RGBX", "bgrx32": "BGRX"}[pf]
         self.dmore_updates = 0
+        self.dmore_rects: dict[str, int] = {}
         self.setEncodings(self.factory.dmore_encodings)
         self.factory.clientConnectionMade(self)
+
+    def _handleRectangle(self, block: bytes) -> None:  # noqa: N802
+        # Count rect headers per encoding, so a test can prove which encoding the server used
+        # (vncdotool itself only logs them).  LastRect ends an update and is not counted.
+        (encoding,) = struct.unpack_from("!i", block, 8)
+        if self.rectangles and encoding != vrfb.Encoding.PSEUDO_LAST_RECT:
+            name = _NAMES.get(encoding, str(encoding))
+            self.dmore_rects[name] = self.dmore_rects.get(name, 0) + 1
+        super()._handleRectangle(block)
 
     def commitUpdate(self, rectangles=None) -> None:  # noqa: N802
         self.dmore_updates = getattr(self, "dmore_updates", 0) + 1
@@ -96,7 +108,7 @@ class _Client(VNCDoToolClient):
     def dmore_info(self) -> _Client:
         self.dmore_result = {
             "width": self.width, "height": self.height, "name": bytes(self.name),
-            "updates": self.dmore_updates,
+            "updates": self.dmore_updates, "rects": dict(self.dmore_rects),
             "qemu_ext_key": vrfb.Encoding.PSEUDO_QEMU_EXTENDED_KEY_EVENT
             in self.negotiated_encodings}
         return self
@@ -165,7 +177,8 @@ class VncdotoolClient:
         return last[0]
 
     def info(self) -> dict:
-        """width, height, desktop name, number of completed updates, QEMU ext-key ack."""
+        """width, height, desktop name, number of completed updates, rect counts per encoding
+        name ("raw", "hextile", ...; pseudo-encodings by number), QEMU ext-key ack."""
         return self._proxy.dmore_info().dmore_result
 
     # -- input -------------------------------------------------------------------------------
