@@ -32,6 +32,11 @@ def _same_channels(pf: PixelFormat) -> bool:
                                NATIVE.red_shift, NATIVE.green_shift, NATIVE.blue_shift)
 
 
+def _reversed_channels(pf: PixelFormat) -> bool:
+    return (pf.red_max, pf.green_max, pf.blue_max, pf.red_shift, pf.green_shift,
+            pf.blue_shift) == (255, 255, 255, 0, 8, 16)
+
+
 def max_client_value(pf: PixelFormat) -> int:
     """The pixel value with every colour bit set (which bits a client pixel can use)."""
     return ((pf.red_max << pf.red_shift) | (pf.green_max << pf.green_shift)
@@ -81,6 +86,12 @@ class PixelCodec:
         """Native pixels (any 2-D view, possibly strided) -> contiguous uint32 keys."""
         if self.tpixel or _same_channels(self.pf):
             return np.bitwise_and(fb, _RGB_MASK)
+        if _reversed_channels(self.pf):
+            # R at bit 0, B at bit 16 (noVNC's format): a byte swap and a shift, ~7x faster
+            # than converting channel by channel.
+            out = np.ascontiguousarray(fb.byteswap())
+            out >>= np.uint32(8)
+            return out
         return np.ascontiguousarray(to_client_values(fb, self.pf), dtype=np.uint32)
 
     # -- wire bytes ----------------------------------------------------------------------------
