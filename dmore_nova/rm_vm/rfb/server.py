@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import time
 from dataclasses import dataclass, field
 
@@ -37,7 +36,7 @@ from dmore_nova.rm_vm.rfb.protocol import (
     extended_desktop_size_rect,
 )
 from dmore_nova.rm_vm.rfb.region import Region
-from dmore_nova.rm_vm.rfb.security import make_anon_tls_context
+from dmore_nova.rm_vm.rfb.security import make_anon_tls_context, make_x509_tls_context
 
 LOG = logging.getLogger(__name__)
 
@@ -92,8 +91,7 @@ class ServerOptions:
             raise ConfigError("no security type offered")
         x509 = None
         if self.tls_cert_file and self.tls_key_file:
-            x509 = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            x509.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+            x509 = make_x509_tls_context(self.tls_cert_file, self.tls_key_file)
         users = dict(self.plain_users or {})
         return ServerConfig(
             security_types=types,
