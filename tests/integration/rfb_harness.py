@@ -24,6 +24,9 @@ class LoopThread:
 
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
+        #: Anything that escaped a callback on the loop (a test fails if this is not empty).
+        self.errors: list[dict] = []
+        self.loop.set_exception_handler(lambda _loop, ctx: self.errors.append(ctx))
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True,
                                        name="rfb-server-loop")
         self.thread.start()
