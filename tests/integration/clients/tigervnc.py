@@ -151,6 +151,14 @@ class VncViewer:
         self.window = wait_until(find, timeout, interval=0.05, what="the vncviewer window")
         return self.window
 
+    def window_titles(self) -> list[str]:
+        """Titles of this viewer's visible windows (the desktop, or a dialog such as
+        "Unknown certificate issuer" when it would ask the user)."""
+        r = subprocess.run(["xdotool", "search", "--onlyvisible", "--pid", str(self.proc.pid)],
+                           env=self.xvfb.env, capture_output=True, text=True, timeout=10,
+                           check=False)
+        return [self._xdotool("getwindowname", w).strip() for w in r.stdout.split()]
+
     def geometry(self) -> tuple[int, int, int, int]:
         """(x, y, width, height) of the viewer window on the Xvfb screen."""
         if self.window is None:
