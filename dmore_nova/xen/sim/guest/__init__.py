@@ -53,6 +53,8 @@ DEVID = 0
 #: Longest control request line, and control connections served at once.
 CONTROL_MAX_LINE = 4096
 CONTROL_MAX_CLIENTS = 8
+#: Batches of watch events handled per readiness callback (the rest wait for the next one).
+MAX_WATCH_ROUNDS = 16
 
 
 class ControlError(Exception):
@@ -152,14 +154,19 @@ class Guest:
 
     # -- event sources ------------------------------------------------------------------------
     def handle_watches(self) -> None:
-        """The xenstore watch fd is readable."""
-        for path, token in self.kernel.xenstore.read_watch_events():
-            if token == DEVICES_TOKEN:
-                self._device_event(path)
-                continue
-            for front in self.fronts:
-                if token == front.watch_token:
-                    front.on_watch(path)
+        """The xenstore watch fd is readable.  Events queued while handling (a new watch's
+        first firing) are handled too, up to :data:`MAX_WATCH_ROUNDS` batches."""
+        for _ in range(MAX_WATCH_ROUNDS):
+            events = self.kernel.xenstore.read_watch_events()
+            if not events:
+                break
+            for path, token in events:
+                if token == DEVICES_TOKEN:
+                    self._device_event(path)
+                    continue
+                for front in self.fronts:
+                    if token == front.watch_token:
+                        front.on_watch(path)
         self._maybe_start_console()
 
     def _device_event(self, path: str) -> None:

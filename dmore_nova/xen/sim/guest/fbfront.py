@@ -144,16 +144,19 @@ class FbFront(XenbusFrontend):
         """``xenfb_resume``: disconnect, rebuild the shared page over new frames, connect."""
         self.resumes += 1
         self.disconnect_backend(moved)
-        old = self.fb_frames + self.dir_frames + ([self.page_frame] if self.page_frame else [])
-        self.fb_frames = self._alloc(len(self.fb_frames))
-        self.dir_frames = self._alloc(len(self.dir_frames))
-        self.page_frame = self.kernel.alloc_page()
+        n_fb, n_dirs = len(self.fb_frames), len(self.dir_frames)
         if not moved:
-            for frame in old:
+            # Freed first (the picture is in :attr:`pixels`), so a resume never needs twice the
+            # video memory; the allocator hands out other free frames before these.
+            for frame in self.fb_frames + self.dir_frames + (
+                    [self.page_frame] if self.page_frame is not None else []):
                 try:
                     self.kernel.free_page(frame)
                 except XenError as exc:
                     self.log.info("free page %#x: %s", frame, exc)
+        self.fb_frames = self._alloc(n_fb)
+        self.dir_frames = self._alloc(n_dirs)
+        self.page_frame = self.kernel.alloc_page()
         self._sync_bytes(0, self.fb_size)
         self.init_shared_page()
         self.connect_backend()

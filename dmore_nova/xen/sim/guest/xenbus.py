@@ -181,7 +181,9 @@ class XenbusFrontend:
 
     # -- the xenbus core ----------------------------------------------------------------------
     def talk_to_otherend(self) -> None:
-        """Read and validate ``backend`` and ``backend-id`` (``xenbus_read_otherend_details``)."""
+        """Drop the old watch, read and validate ``backend`` and ``backend-id``
+        (``free_otherend_watch`` + ``xenbus_read_otherend_details``)."""
+        self.unwatch_otherend()
         raw_path = self.xs.read(f"{self.nodename}/backend")
         raw_id = self.xs.read(f"{self.nodename}/backend-id")
         if raw_path is None or raw_id is None:
@@ -202,8 +204,6 @@ class XenbusFrontend:
         """Watch ``<backend>/state``; Xen fires a new watch once, so the driver sees the
         current backend state right away."""
         target = f"{self.otherend}/state"
-        if self._watched == target:
-            return
         self.unwatch_otherend()
         self.xs.watch(target, self.watch_token)
         self._watched = target
