@@ -6,6 +6,10 @@ Two kinds:
   Hextile, ZRLE, Tight incl. JPEG via Pillow), in plain per-tile / per-run Python so that they
   share no code and no tricks with the numpy encoders.  They keep the client's framebuffer as
   client pixel *values* and check that every rectangle is consumed exactly.
+* :func:`novnc_decode`: noVNC's own decoders (``core/decoders/*.js`` from the @novnc/novnc
+  package in tests/js, the browser client dmore-nova ships) run by Node on the same bytes, through
+  noVNC's Websock receive queue; see ``rfb_novnc_decode.mjs``.  noVNC only speaks its own
+  pixel format (32 bpp, depth 24, red at shift 0), so that is the only format it checks.
 * :class:`VncdotoolFramebuffer`: vncdotool's own decoders (``vncdotool.rfb.RFBClient``, a
   real VNC client library) driven in-process by feeding it FramebufferUpdate bytes, for Raw,
   CopyRect, Hextile and ZRLE.  vncdotool's ZRLE only knows 3-byte CPIXELs in little-endian
@@ -15,10 +19,16 @@ Two kinds:
 
 from __future__ import annotations
 
+import base64
 import io
+import json
+import shutil
 import struct
+import subprocess
+import tempfile
 import warnings
 import zlib
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -399,3 +409,39 @@ class VncdotoolFramebuffer:
         for shift, i in enumerate(order):
             out |= b[..., i] << np.uint32(8 * shift)
         return out
+
+
+NOVNC_CORE = (Path(__file__).resolve().parents[1] / "js" / "node_modules" / "@novnc" / "novnc"
+              / "core")
+NOVNC_DRIVER = Path(__file__).resolve().with_name("rfb_novnc_decode.mjs")
+
+
+def novnc_available() -> bool:
+    return shutil.which("node") is not None and (NOVNC_CORE / "decoders" / "tight.js").is_file()
+
+
+def novnc_decode(width: int, height: int, rects: list[bytes]
+                 ) -> tuple[np.ndarray, list[tuple[int, int, int, int]], int]:
+    """Decode ``rects`` with noVNC's decoders: (RGB (h, w, 3) uint8, JPEG rects, rect count).
+
+    JPEG rectangles are decoded here with Pillow and pasted, as the browser's image decoder
+    would; everything else is exactly what noVNC's decoders drew.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp, "in.bin"), Path(tmp, "out.rgba")
+        src.write_bytes(struct.pack(">HH", width, height) + b"".join(rects))
+        proc = subprocess.run(["node", str(NOVNC_DRIVER), str(NOVNC_CORE), str(src), str(dst)],
+                              capture_output=True, timeout=300, check=False)
+        if proc.returncode != 0:
+            raise DecodeError(f"noVNC decoders failed: {proc.stderr.decode(errors='replace')}")
+        report = json.loads(proc.stdout)
+        rgba = np.frombuffer(dst.read_bytes(), np.uint8).reshape(height, width, 4)
+    rgb = rgba[..., :3].copy()
+    jpeg_rects = []
+    for x, y, w, h, data in report["jpegs"]:
+        img = Image.open(io.BytesIO(base64.b64decode(data)))
+        if img.format != "JPEG" or img.size != (w, h):
+            raise DecodeError(f"bad JPEG for {x},{y} {w}x{h}: {img.format} {img.size}")
+        rgb[y:y + h, x:x + w] = np.asarray(img.convert("RGB"))
+        jpeg_rects.append((x, y, w, h))
+    return rgb, jpeg_rects, report["rects"]

@@ -38,7 +38,14 @@ from dmore_nova.rm_vm.rfb.encodings.tight import (
     compact_length,
 )
 from dmore_nova.rm_vm.rfb.pixelformat import NATIVE, PixelFormat, PixelFormatError, to_client_values
-from tests.unit.rfb_decoders import ClientFramebuffer, DecodeError, Reader, VncdotoolFramebuffer
+from tests.unit.rfb_decoders import (
+    ClientFramebuffer,
+    DecodeError,
+    Reader,
+    VncdotoolFramebuffer,
+    novnc_available,
+    novnc_decode,
+)
 
 # -- pixel formats ---------------------------------------------------------------------------
 PF_NOVNC = PixelFormat(32, 24, False, True, 255, 255, 255, 0, 8, 16)
@@ -269,6 +276,81 @@ def test_vncdotool_copyrect() -> None:
     want = to_client_values(fb, pf).copy()
     want[10:40, 20:45] = to_client_values(fb, pf)[4:34, 3:28]
     np.testing.assert_array_equal(vd.values(4), want)
+
+
+# -- noVNC's decoders ------------------------------------------------------------------------
+needs_novnc = pytest.mark.skipif(not novnc_available(),
+                                 reason="node or tests/js/node_modules/@novnc/novnc missing")
+
+
+def _rgb(fb: np.ndarray) -> np.ndarray:
+    return np.stack([(fb >> 16) & 255, (fb >> 8) & 255, fb & 255], axis=-1).astype(np.uint8)
+
+
+NOVNC_CASES = {"raw": (ENC_RAW, None), "hextile": (ENC_HEXTILE, None), "zrle": (ENC_ZRLE, None),
+               "tight": (ENC_TIGHT, None), "tight-jpeg": (ENC_TIGHT, 6)}
+
+
+@needs_novnc
+@pytest.mark.parametrize("case", list(NOVNC_CASES))
+def test_novnc_decodes_sequence_of_rects(case: str) -> None:
+    """Many rectangles of every image kind and odd sizes, one encoder instance, one noVNC
+    session (its zlib streams persist across rectangles); CopyRect mixed in."""
+    code, quality = NOVNC_CASES[case]
+    h, w = 860, 720
+    fb = make_image("ui", h, w, seed=21)
+    sizes = [(1, 1), (17, 15), (130, 65), (64, 64), (100, 200), (3, 300), (200, 3)]
+    rects: list[Rect] = []
+    y = x = 0
+    jobs = [(KINDS[i % len(KINDS)], size) for i, size in enumerate(sizes * 2)]
+    jobs.append(("photo", (128, 192)))    # big enough for JPEG
+    for i, (kind, (rh, rw)) in enumerate(jobs):
+        if x + rw > 580:                  # x >= 590 stays free for the CopyRect target
+            x, y = 0, y + 210
+        fb[y:y + rh, x:x + rw] = make_image(kind, rh, rw, seed=i)
+        rects.append(Rect(x, y, rw, rh))
+        x += rw + 7
+    assert y + 210 <= h
+    enc = make_encoder(code, quality=quality)
+    wire: list[bytes] = []
+    covered = np.zeros((h, w), bool)
+    for r in rects:
+        wire += enc.encode(fb, r, PF_NOVNC)
+        covered[r.y:r.y + r.h, r.x:r.x + r.w] = True
+    src = rects[4]
+    wire.append(copyrect_rect(src.x, src.y, Rect(600, 800, 100, 40)))
+    rgb, jpeg_rects, count = novnc_decode(w, h, wire)
+    assert count == len(wire)
+    want = _rgb(fb)
+    want[800:840, 600:700] = want[src.y:src.y + 40, src.x:src.x + 100]
+    covered[800:840, 600:700] = True
+    lossy = np.zeros((h, w), bool)
+    for x0, y0, rw, rh in jpeg_rects:
+        lossy[y0:y0 + rh, x0:x0 + rw] = True
+    assert bool(jpeg_rects) == (quality is not None)
+    exact = covered & ~lossy
+    np.testing.assert_array_equal(rgb[exact], want[exact])
+    if jpeg_rects:
+        assert np.abs(rgb[lossy].astype(int) - want[lossy]).mean() < 8
+
+
+@needs_novnc
+@pytest.mark.parametrize("kind", ["ui", "photo", "random"])
+@pytest.mark.parametrize("case", list(NOVNC_CASES))
+def test_novnc_decodes_full_frame(case: str, kind: str) -> None:
+    code, quality = NOVNC_CASES[case]
+    fb = make_image(kind, 768, 1024, seed=3)
+    rects = make_encoder(code, quality=quality).encode(fb, Rect(0, 0, 1024, 768), PF_NOVNC)
+    rgb, jpeg_rects, count = novnc_decode(1024, 768, rects)
+    assert count == len(rects)
+    want = _rgb(fb)
+    lossy = np.zeros((768, 1024), bool)
+    for x0, y0, rw, rh in jpeg_rects:
+        lossy[y0:y0 + rh, x0:x0 + rw] = True
+    np.testing.assert_array_equal(rgb[~lossy], want[~lossy])
+    if lossy.any():
+        limit = 40 if kind == "random" else 8      # JPEG of noise is noisy
+        assert np.abs(rgb[lossy].astype(int) - want[lossy]).mean() < limit
 
 
 # -- ZRLE details ----------------------------------------------------------------------------
