@@ -230,6 +230,27 @@ def test_random_images_roundtrip(enc_name: str, pf_name: str, h: int, w: int, nc
     roundtrip(ENCODINGS[enc_name], fb, rect, FORMATS[pf_name])
 
 
+@st.composite
+def pixel_formats(draw: st.DrawFn) -> PixelFormat:
+    """Any true-colour format PixelFormat.validate() accepts (channels may even overlap)."""
+    bpp = draw(st.sampled_from([8, 16, 32]))
+    bits = [draw(st.integers(1, min(10, bpp))) for _ in range(3)]
+    shifts = [draw(st.integers(0, bpp - b)) for b in bits]
+    pf = PixelFormat(bpp, draw(st.integers(1, bpp)), draw(st.booleans()), True,
+                     *((1 << b) - 1 for b in bits), *shifts)
+    pf.validate()
+    return pf
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(enc_name=st.sampled_from(list(ENCODINGS)), pf=pixel_formats(),
+       kind=st.sampled_from(KINDS), h=st.integers(1, 80), w=st.integers(1, 80),
+       seed=st.integers(0, 1000))
+def test_any_valid_pixel_format_roundtrips(enc_name: str, pf: PixelFormat, kind: str, h: int,
+                                           w: int, seed: int) -> None:
+    roundtrip(ENCODINGS[enc_name], make_image(kind, h, w, seed=seed), Rect(0, 0, w, h), pf)
+
+
 # -- vncdotool's decoders --------------------------------------------------------------------
 @pytest.mark.parametrize("size", [(1, 1), (17, 15), (130, 65), (768, 1024)],
                          ids=lambda s: f"{s[1]}x{s[0]}")
