@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import socket
 import struct
-import time
 
 import numpy as np
 
-RAW, DESKTOP_SIZE, EXT_DESKTOP_SIZE, LAST_RECT = 0, -223, -308, -224
+RAW, COPYRECT, DESKTOP_SIZE, EXT_DESKTOP_SIZE, LAST_RECT = 0, 1, -223, -308, -224
 
 
 class RawClient:
     def __init__(self, host: str, port: int, *, shared: bool = True, timeout: float = 5.0,
-                 encodings: tuple[int, ...] = (RAW, DESKTOP_SIZE, EXT_DESKTOP_SIZE),
+                 encodings: tuple[int, ...] = (RAW, COPYRECT, DESKTOP_SIZE, EXT_DESKTOP_SIZE),
                  rcvbuf: int | None = None) -> None:
         self.sock = socket.socket()
         if rcvbuf:
@@ -87,6 +86,9 @@ class RawClient:
             if enc == RAW:
                 data = self.recv(w * h * 4)
                 self.fb[y:y + h, x:x + w] = np.frombuffer(data, "<u4").reshape(h, w)
+            elif enc == COPYRECT:
+                sx, sy = struct.unpack(">HH", self.recv(4))
+                self.fb[y:y + h, x:x + w] = self.fb[sy:sy + h, sx:sx + w].copy()
             elif enc == DESKTOP_SIZE:
                 self._resize(w, h)
             elif enc == EXT_DESKTOP_SIZE:
@@ -118,8 +120,3 @@ class RawClient:
     def close(self) -> None:
         self.sock.close()
 
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0

@@ -174,3 +174,29 @@ def test_set_desktop_size_resizes_all_viewers(demo_server):
     assert ext and ext[0][1] == 3 and ext[0][2:4] == (640, 480)
     a.close()
     b.close()
+
+
+def test_scrolling_is_sent_as_copyrect_and_stays_exact(demo_server_factory):
+    """Typing past the last row scrolls the echo area: CopyRect viewers get a copy (with the
+    pending damage moved along with it) and end up with exactly the server's picture."""
+    server = demo_server_factory(width=160, height=96)  # 6 rows: 3 header + 3 echo rows
+    c = RawClient(server.host, server.port, encodings=(1, 0, -223, -308))
+    c.full_frame()
+    seen: list[int] = []
+    for i in range(8):
+        c.request()
+        c.key(ord("a") + i)
+        c.key(0xFF0D)
+        while True:
+            rects = c.wait_for_update()
+            seen += [r[4] for r in rects]
+            if server.text().count("\n") == i + 1:
+                break
+            c.request()
+    time.sleep(0.1)
+    c.request(incremental=True)
+    c.pointer(0, 0)
+    c.wait_for_update()
+    assert 1 in seen, "no CopyRect for a scroll"
+    _fb_equal(c, server)
+    c.close()

@@ -194,17 +194,23 @@ class Viewer(asyncio.Protocol):
         self._schedule_send()
 
     def copied(self, src_x: int, src_y: int, dst: Rect) -> None:
-        src = Rect(src_x, src_y, dst.w, dst.h)
-        # A copy is only valid if the client's picture of ``src`` is current: otherwise the
-        # destination is simply damage.
-        if self.copyrect and not self.dirty.intersects(src) and not self.dirty.intersects(dst):
-            self.copies.append((src_x, src_y, dst))
-            if len(self.copies) > 64:
-                for _sx, _sy, d in self.copies:
-                    self.dirty.add(d)
-                self.copies.clear()
-        else:
+        if not self.copyrect:
             self.dirty.add(dst)
+            self._schedule_send()
+            return
+        # The client copies *its* picture of ``src``, which is stale where damage is still
+        # pending there: that damage moves with the copy.  Pending damage inside ``dst`` stays
+        # (encoded after the copy, from the current framebuffer, so always correct).
+        src = Rect(src_x, src_y, dst.w, dst.h)
+        dx, dy = dst.x - src_x, dst.y - src_y
+        moved = [_intersect(r, src) for r in self.dirty if r.intersects(src)]
+        self.copies.append((src_x, src_y, dst))
+        for r in moved:
+            self.dirty.add(Rect(r.x + dx, r.y + dy, r.w, r.h))
+        if len(self.copies) > 64:
+            for _sx, _sy, d in self.copies:
+                self.dirty.add(d)
+            self.copies.clear()
         self._schedule_send()
 
     # -- protocol events -------------------------------------------------------------------
