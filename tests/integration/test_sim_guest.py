@@ -213,12 +213,11 @@ class MiniVfb:
 
 # --- fixtures -------------------------------------------------------------------------------
 @pytest.fixture
-def host():
+def sup():
     base = tempfile.mkdtemp(prefix="dsg", dir="/tmp")
     shm = f"/dev/shm/dsg-{os.getpid()}-{os.path.basename(base)}"
     sup = Supervisor(base, shm)
-    h = sup.start_host("a")
-    yield h
+    yield sup
     for x in sup.list_hosts():
         try:
             sup.stop_host(x.name)
@@ -229,8 +228,11 @@ def host():
 
 
 @pytest.fixture
-def plumbed(host):
-    """A guest domain with vkbd+vfb served by dom0, backends in InitWait."""
+def host(sup):
+    return sup.start_host("a")
+
+
+def plumb(host) -> tuple[int, SimXen, MiniVkbd, MiniVfb]:
     with host.toolstack() as ts:
         guest = ts.create_domain("guest", GUEST_PAGES)
     dom0 = host.xen(0)
@@ -239,6 +241,13 @@ def plumbed(host):
     kbd, fb = MiniVkbd(dom0, guest), MiniVfb(dom0, guest)
     kbd.init()
     fb.init()
+    return guest, dom0, kbd, fb
+
+
+@pytest.fixture
+def plumbed(host):
+    """A guest domain with vkbd+vfb served by dom0, backends in InitWait."""
+    guest, dom0, kbd, fb = plumb(host)
     yield host, guest, dom0, kbd, fb
     kbd.disconnect()
     fb.disconnect()
@@ -436,3 +445,51 @@ def test_guest_program_runs_a_shell_typed_into_and_drawn_through_vfb(plumbed, gu
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(TIMEOUT) == 0
     assert be_kbd.fe_state() == 6 and be_fb.fe_state() == 6    # Closed on shutdown
+
+
+def test_guest_program_moves_to_another_host_and_keeps_its_screen(sup, plumbed, guest_proc):
+    host, guest_id, dom0, be_kbd, be_fb = plumbed
+    proc, ctl, _log = guest_proc
+    be_kbd.connect()
+    be_fb.connect()
+    wait_for(lambda: (0, 0) in be_fb.text_at("$"), what="the prompt on host a")
+    be_kbd.type("echo hi\n")
+    wait_for(lambda: (1, 0) in be_fb.text_at("hi"), what="'hi' on host a")
+
+    # Host b: another domid space; the toolstack there plumbs the devices afresh.
+    b = sup.start_host("b")
+    with b.toolstack() as ts:
+        ts.create_domain("placeholder", 16)       # so the guest gets another domid there
+    new_id, dom0_b, kbd_b, fb_b = plumb(b)
+    assert new_id != guest_id
+    try:
+        st = _control(ctl, {"op": "resume", "host_dir": str(b.run_dir), "domid": new_id})
+        assert st["ok"] and st["domid"] == new_id
+        assert st["vkbd"]["backend"] == kbd_b.be and st["vfb"]["backend"] == fb_b.be
+        kbd_b.connect()
+        fb_b.connect()
+        assert (1, 0) in fb_b.text_at("hi")       # the picture moved with the guest
+        kbd_b.type("echo ok\n")
+
+        def ok() -> bool:
+            fb_b.drain()
+            return (3, 0) in fb_b.text_at("ok") and fb_b.updated(3, 0, 2)
+
+        wait_for(ok, what="'ok' typed on host b")
+        assert _control(ctl, {"op": "status"})["vkbd"]["state"] == "Connected"
+    finally:
+        kbd_b.disconnect()
+        fb_b.disconnect()
+        dom0_b.close()
+
+
+def test_guest_program_stops_when_its_domain_is_destroyed(plumbed, guest_proc):
+    host, guest_id, dom0, be_kbd, be_fb = plumbed
+    proc, ctl, _log = guest_proc
+    be_kbd.connect()
+    be_fb.connect()
+    wait_for(lambda: be_kbd.fe_state() == 4, what="vkbd Connected")
+    with host.toolstack() as ts:
+        ts.destroy_domain(guest_id)
+    assert proc.wait(TIMEOUT) == 0        # no spinning on a dead connection, a clean exit
+    assert not os.path.exists(ctl)

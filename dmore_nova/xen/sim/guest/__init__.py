@@ -288,9 +288,26 @@ async def serve(guest: Guest, *, control_path: str | os.PathLike[str] | None = N
 
         for fd, cb in ((guest.kernel.fileno(), events),
                        (guest.kernel.xenstore.watch_fileno(), guest.handle_watches)):
-            loop.add_reader(fd, _guarded(cb))
+            loop.add_reader(fd, _guarded(_or_stop(cb)))
             wired.append(fd)
         wire_console()
+
+    def _or_stop(cb: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                cb()
+            except XenError as exc:
+                # The event channel or xenstore connection is gone: the domain was destroyed
+                # or the host stopped.  A guest without its hardware stops, rather than spin on
+                # a readable dead fd.
+                LOG.error("guest: lost dom%d's hypervisor connection: %s", guest.kernel.domid,
+                          exc)
+                for fd in wired:
+                    loop.remove_reader(fd)
+                wired.clear()
+                stop.set()
+        run.__name__ = getattr(cb, "__name__", "callback")
+        return run
 
     def wire_console() -> None:
         for fd in console_fd:

@@ -220,8 +220,8 @@ class XenbusFrontend:
         """``xenbus_switch_state``: write ``state`` only on a change."""
         if state == self.state:
             return
-        self.log.info("%s: frontend %s -> %s", self.nodename, self.state.name, state.name)
         self.write_node("state", state.to_xenstore())
+        self.log.info("%s: frontend %s -> %s", self.nodename, self.state.name, state.name)
         self.state = state
 
     def dev_fatal(self, err: str) -> None:
