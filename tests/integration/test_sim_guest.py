@@ -493,3 +493,38 @@ def test_guest_program_stops_when_its_domain_is_destroyed(plumbed, guest_proc):
         ts.destroy_domain(guest_id)
     assert proc.wait(TIMEOUT) == 0        # no spinning on a dead connection, a clean exit
     assert not os.path.exists(ctl)
+
+
+def test_device_plumbing_over_pyxs_for_an_rm_vm_backend(host):
+    """Over a real xenstore connection (no mkdir/set_perms inside transactions) the dirs still
+    appear complete, with libxl's permissions, and the parents keep theirs."""
+    with host.toolstack() as ts:
+        guest = ts.create_domain("guest", 64)
+        rm_vm = ts.create_domain("rm", 64)
+    dom0, rm, g = host.xen(0), host.xen(rm_vm), host.xen(guest)
+    try:
+        xs = dom0.xenstore
+        parent_perms = xs.get_perms(f"/local/domain/{guest}/device")
+        dev = devices.add_vkbd(xs, guest, rm_vm, feature_abs_pointer=True)
+        assert xs.get_perms(dev.frontend) == [f"n{guest}", f"r{rm_vm}"]
+        assert xs.get_perms(f"{dev.frontend}/backend") == [f"n{guest}", f"r{rm_vm}"]
+        assert xs.get_perms(dev.backend) == [f"n{rm_vm}", f"r{guest}"]
+        assert xs.get_perms(f"{dev.backend}/feature-abs-pointer") == [f"n{rm_vm}", f"r{guest}"]
+        assert xs.get_perms(f"/local/domain/{guest}/device") == parent_perms
+        assert xs.get_perms(f"/local/domain/{guest}/device/vkbd") == parent_perms
+        # The RM VM runs its end, the guest its own; neither can touch the other's.
+        rm.xenstore.write(f"{dev.backend}/state", "2")
+        g.xenstore.write(f"{dev.frontend}/state", "3")
+        assert rm.xenstore.read(f"{dev.frontend}/state") == b"3"
+        assert g.xenstore.read(f"{dev.backend}/state") == b"2"
+        with pytest.raises(XenError):
+            g.xenstore.write(f"{dev.backend}/state", "4")
+        with pytest.raises(XenError):
+            rm.xenstore.write(f"{dev.frontend}/state", "4")
+        assert devices.find_device(xs, "vkbd", guest) == dev
+        assert devices.remove_device(xs, "vkbd", guest) is True
+        assert xs.read(dev.frontend) is None and xs.read(dev.backend) is None
+        assert xs.directory(f"/local/domain/{guest}/device") == []
+    finally:
+        for x in (dom0, rm, g):
+            x.close()
