@@ -76,14 +76,18 @@ def _subrects(tiles: np.ndarray, tile_h: np.ndarray, tile_w: np.ndarray) -> dict
     """
     m = tiles.shape[0]
     rows = np.arange(m)
-    # Most frequent colour per tile: sort each tile, find the longest run of equal values.
-    srt = np.sort(tiles, axis=1)
-    pos = np.arange(TILE * TILE)
-    newrun = np.empty(srt.shape, bool)
-    newrun[:, 0] = True
-    np.not_equal(srt[:, 1:], srt[:, :-1], out=newrun[:, 1:])
-    run_start = np.maximum.accumulate(np.where(newrun, pos, 0), axis=1)
-    bg = srt[rows, (pos - run_start).argmax(axis=1)]
+    # Most frequent colour per tile: sort each tile, find its longest run of equal values
+    # (runs of all tiles at once; a run's score is length * 256 + position in its tile, so
+    # one maximum per tile gives both the length and where that colour is).
+    srt = np.sort(tiles, axis=1).reshape(-1)
+    newrun = np.empty(srt.size, bool)
+    newrun[0] = True
+    np.not_equal(srt[1:], srt[:-1], out=newrun[1:])
+    newrun[::TILE * TILE] = True
+    starts = np.flatnonzero(newrun)
+    score = (np.diff(starts, append=srt.size) << 8) | (255 - (starts & 255))
+    best = np.maximum.reduceat(score, np.flatnonzero((starts & 255) == 0))
+    bg = srt.reshape(m, TILE * TILE)[rows, 255 - (best & 255)]
 
     t3 = tiles.reshape(m, TILE, TILE)
     ys = np.arange(TILE)[None, :, None]
