@@ -1,22 +1,26 @@
 """Tight encoding (rfbproto "Tight Encoding", number 7): fill, palette, zlib and JPEG.
 
-Each rectangle is cut into sub-rectangles no wider than 2048 pixels (a hard protocol limit)
-and no larger than 65536 pixels (TigerVNC's limit, which keeps every client's buffers small and
-lets each part pick its own method).  Each part is then, in this order:
+A rectangle is first cut into parts (:func:`plan_parts`): no part is wider than 2048 pixels
+(a hard protocol limit) and no part but a fill has more than 65536 pixels (TigerVNC's limit,
+which keeps every client's buffers small).  Small rectangles (typing) are one part.  Large
+ones are classified per 64x64 block, all blocks at once, into one-colour, few-colour and
+photo-like blocks, and runs of alike blocks become parts.  Each part is sent as:
 
 * **fill** when it is one colour (one TPIXEL, no zlib);
 * **palette** (basic compression, palette filter) when it has 2..16 colours: 1 bit per pixel
   for two colours (rows padded to bytes), else one index byte per pixel; zlib stream 1 for the
   two-colour case, 2 for the others;
 * **JPEG** when the client asked for a quality level, its pixel format is TPIXEL-compatible
-  (JPEG decodes to 8-bit R, G, B) and the part is photo-sized;
+  (JPEG decodes to 8-bit R, G, B), the part is photo-like and at least 1024 pixels: text and
+  UI next to a photo stay lossless;
 * else **copy** (basic compression, copy filter): TPIXELs through zlib stream 0.
 
 Basic-compression data shorter than 12 bytes goes out uncompressed (the spec's rule).  The four
 zlib streams live in the instance, so it belongs to one connection; each stream is (re)started
 with its reset bit set in the compression-control byte the first time this instance uses it and
 after a compression-level change, so a fresh instance is safe even on a connection that used
-Tight before.
+Tight before.  The zlib level is the client's compression level (0 = stored, fastest), 2 if it
+sent none.
 """
 
 from __future__ import annotations
