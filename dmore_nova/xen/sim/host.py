@@ -122,6 +122,13 @@ class Domain:
     connections: set[HcConnection] = field(default_factory=set)
     listener: socket.socket | None = None
     maptrack: int = 0               # grant mappings this domain holds of others' pages
+    # Log-dirty (XEN_DOMCTL_shadow_op), for live migration: frames other domains wrote through
+    # mappings the host handed out, while logging is on (None: off).  The guest's own writes
+    # are logged by its kernel, which the host cannot trap.
+    log_dirty: set[int] | None = None
+    # Frames ever handed out writable to another domain by privcmd_mmapbatch: the host never
+    # learns when such a mapping goes, so the final log-dirty round always includes them.
+    foreign_writable: set[int] = field(default_factory=set)
 
     @property
     def max_pages(self) -> int:
@@ -423,6 +430,7 @@ class SimHost:
             SimOp.XEN_DOMCTL_set_target: self._op_set_target,
             SimOp.XEN_DOMCTL_getdomaininfo: self._op_getdomaininfo,
             SimOp.XEN_SYSCTL_getdomaininfolist: self._op_getdomaininfolist,
+            SimOp.XEN_DOMCTL_shadow_op: self._op_shadow_op,
         }
 
     @property
@@ -824,6 +832,8 @@ class SimHost:
             raise GrantError(GNTST_bad_domain, f"could not find domain {a['dom']}")
         readonly = bool(a["flags"] & hc.GNTMAP_readonly)
         frame = granter.memory.grant_table.map(conn.domid, a["ref"], readonly)
+        if not readonly and granter.log_dirty is not None:
+            granter.log_dirty.add(frame)
         mid = conn.new_map_id()
         conn.grant_maps[mid] = GrantMap(granter.domid, a["ref"], readonly)
         conn.dom.maptrack += 1
@@ -837,6 +847,9 @@ class SimHost:
         granter = self.domains.get(gm.granter)
         if granter is None:
             return
+        act = granter.memory.grant_table.active(gm.ref)
+        if act is not None and not gm.readonly and granter.log_dirty is not None:
+            granter.log_dirty.add(act.frame)  # Xen's gnttab_mark_dirty at unmap
         granter.memory.grant_table.unmap(gm.ref, gm.readonly)
         self._maybe_reap(granter)
 
@@ -859,6 +872,10 @@ class SimHost:
         if bad:
             raise _xerr(errno.EINVAL, f"dom{domid} has no frame {bad[0]:#x} "
                                       f"({target.max_pages} pages)")
+        if a["writable"] and conn.domid != domid:
+            target.foreign_writable.update(frames)  # bounded by max_pages
+            if target.log_dirty is not None:
+                target.log_dirty.update(frames)
         return {}, [target.memory.fd_for(bool(a["writable"]))]
 
     # toolstack
@@ -897,6 +914,40 @@ class SimHost:
     def _op_getdomaininfolist(self, conn: HcConnection, a: dict[str, Any]):
         self._need_dom0(conn, "getdomaininfolist")
         return {"domids": sorted(self.domains)}, []
+
+    def _op_shadow_op(self, conn: HcConnection, a: dict[str, Any]):
+        """``XEN_DOMCTL_shadow_op``, log-dirty only (see :class:`Domain`).  CLEAN/PEEK page
+        through the dirty set by ``start``; CLEAN forgets what it returned.  With
+        ``XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL`` the frames other domains map writable right now
+        (grants) or ever did (foreign mappings) are included, as Xen adds the pages the
+        hypervisor maps writable in the last round."""
+        self._need_dom0(conn, "shadow_op")
+        dom = self._live(a["domid"])
+        op, mode = a["shadow_op"], a["mode"]
+        if op == hc.XEN_DOMCTL_SHADOW_OP_ENABLE:
+            if mode != hc.XEN_DOMCTL_SHADOW_ENABLE_LOG_DIRTY:
+                raise _xerr(errno.EOPNOTSUPP, f"shadow mode {mode:#x}: only log-dirty")
+            if dom.log_dirty is not None:
+                raise _xerr(errno.EINVAL, f"dom{dom.domid}: log-dirty already enabled")
+            dom.log_dirty = set()
+            LOG.info("dom%d: log-dirty on", dom.domid)
+            return {"frames": [], "next": 0, "dirty_count": 0}, []
+        if op == hc.XEN_DOMCTL_SHADOW_OP_OFF:
+            dom.log_dirty = None
+            return {"frames": [], "next": 0, "dirty_count": 0}, []
+        if op not in (hc.XEN_DOMCTL_SHADOW_OP_CLEAN, hc.XEN_DOMCTL_SHADOW_OP_PEEK):
+            raise _xerr(errno.EINVAL, f"shadow op {op} not supported")
+        if dom.log_dirty is None:
+            raise _xerr(errno.EINVAL, f"dom{dom.domid}: log-dirty not enabled")
+        dirty = set(dom.log_dirty)
+        if mode & hc.XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL:
+            dirty |= dom.memory.grant_table.write_pinned_frames() | dom.foreign_writable
+        todo = sorted(f for f in dirty if f >= a["start"])
+        frames = todo[:hc.SIM_MAX_ARRAY]
+        nxt = frames[-1] + 1 if len(todo) > len(frames) else 0
+        if op == hc.XEN_DOMCTL_SHADOW_OP_CLEAN:
+            dom.log_dirty.difference_update(frames)
+        return {"frames": frames, "next": nxt, "dirty_count": len(dirty)}, []
 
 
 # -- process entry point ---------------------------------------------------------------------------

@@ -80,6 +80,7 @@ class SimOp(enum.IntEnum):
     XEN_DOMCTL_set_target = 44
     XEN_DOMCTL_getdomaininfo = 45
     XEN_SYSCTL_getdomaininfolist = 46
+    XEN_DOMCTL_shadow_op = 47     # log-dirty (live migration): writes made by *other* domains
 
 
 # GNTMAP_* flags (xen/include/public/grant_table.h) used in GNTTABOP_map_grant_ref.
@@ -96,6 +97,17 @@ DOMID_INVALID = 0x7FF4
 
 # createdomain flags (sim-specific: xl creates domains paused, then unpauses).
 SIM_CDF_paused = 1 << 0
+
+# XEN_DOMCTL_shadow_op (xen/include/public/domctl.h).  The sim supports log-dirty only: the
+# guest's own writes are logged by its kernel (SimKernel's dirty log, as the host cannot trap
+# stores to shared memory); the host logs what it can see, the pages other domains map
+# writable (grant and foreign mappings), which Xen too only adds in the final round.
+XEN_DOMCTL_SHADOW_OP_OFF = 0
+XEN_DOMCTL_SHADOW_OP_ENABLE = 32
+XEN_DOMCTL_SHADOW_OP_CLEAN = 11
+XEN_DOMCTL_SHADOW_OP_PEEK = 12
+XEN_DOMCTL_SHADOW_ENABLE_LOG_DIRTY = 1 << 2
+XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL = 1 << 0
 
 Field = tuple[str, str]
 
@@ -135,6 +147,13 @@ SCHEMA: dict[SimOp, tuple[tuple[Field, ...], tuple[Field, ...], int]] = {
                                      (("domid", "u16"), ("name", "str"), ("flags", "u32"),
                                       ("max_pages", "u64"), ("target", "u16")), 0),
     SimOp.XEN_SYSCTL_getdomaininfolist: ((), (("domids", "u64[]"),), 0),
+    # ``shadow_op`` is xen_domctl_shadow_op.op (renamed: ``op`` names the message).
+    # CLEAN/PEEK return the dirty frames >= start, at most SIM_MAX_ARRAY of them, and the
+    # frame to continue from (0: no more); dirty_count is the whole set's size.
+    SimOp.XEN_DOMCTL_shadow_op: ((("domid", "u16"), ("shadow_op", "u32"), ("mode", "u32"),
+                                  ("start", "u64")),
+                                 (("frames", "u64[]"), ("next", "u64"),
+                                  ("dirty_count", "u32")), 0),
 }
 
 _SCALARS = {"u8": struct.Struct("<B"), "u16": struct.Struct("<H"),

@@ -14,10 +14,11 @@ as the guest domain, and need what Linux's Xen core gives a driver:
   arrives while its handler runs fires again;
 * xenstore (the domain's xenbus).
 
-Migration hook (not migration): writes made through :meth:`SimKernel.write` (and pages
-handed out by :meth:`SimKernel.alloc_page`) are recorded in a dirty bitmap once
-:meth:`SimKernel.enable_dirty_log` is on, so a later live migration can copy only what
-changed; writes through raw :meth:`SimKernel.page` views must call :meth:`mark_dirty`.
+Migration hooks: writes made through :meth:`SimKernel.write` (and pages handed out by
+:meth:`SimKernel.alloc_page`) are recorded in a dirty bitmap once
+:meth:`SimKernel.enable_dirty_log` is on, so a live migration (:mod:`.migration`) copies only
+what changed; writes through raw :meth:`SimKernel.page` views must call :meth:`mark_dirty`.
+:meth:`SimKernel.resume_on` is the same guest on the destination host.
 """
 
 from __future__ import annotations
@@ -269,6 +270,29 @@ class SimKernel:
             self._xenstore = PyxsXenStore(
                 unix_socket_path=str(xenstore_path(self.run_dir, self.domid)))
         return self._xenstore
+
+    # -- live migration --------------------------------------------------------------------------
+
+    def resume_on(self, run_dir: str | os.PathLike[str], domid: int, *,
+                  xenstore: api.XenStore | None = None) -> SimKernel:
+        """This guest after a live migration: the kernel of domain ``domid`` of the host at
+        ``run_dir``, whose memory the toolstack copied from ours.
+
+        What carries over is what a PV guest keeps in its own RAM: which frames are in use
+        (the page allocator).  What starts over is what belonged to the old domain: the grant
+        table (Xen does not migrate it; Linux's ``gnttab_resume`` starts afresh and frontends
+        re-grant), event channels, the xenstore connection and the dirty log.  This kernel is
+        left open: its owner closes it once nothing uses the old domain any more.
+        """
+        new = SimKernel(run_dir, domid, xenstore=xenstore)
+        if new.nr_pages != self.nr_pages:
+            new.close()
+            raise XenError(errno.EINVAL, f"dom{domid} has {new.nr_pages} pages, this guest "
+                                         f"{self.nr_pages}")
+        with self._lock:
+            new._free_frames = collections.deque(self._free_frames)
+            new._allocated = set(self._allocated)
+        return new
 
     # -- teardown --------------------------------------------------------------------------------
 

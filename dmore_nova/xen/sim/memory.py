@@ -156,6 +156,11 @@ class GrantTable:
     def nr_active(self) -> int:
         return len(self._active)
 
+    def write_pinned_frames(self) -> set[int]:
+        """Frames some grantee maps writable right now (log-dirty's final round adds them:
+        their writes are invisible to the hypervisor until unmap)."""
+        return {act.frame for act in self._active.values() if act.writers}
+
     def map(self, mapper: int, ref: int, readonly: bool) -> int:
         """Pin entry ``ref`` for ``mapper`` (``map_grant_ref``); returns the frame."""
         if not 0 <= ref < self.nr_entries:
