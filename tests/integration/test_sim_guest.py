@@ -528,3 +528,35 @@ def test_device_plumbing_over_pyxs_for_an_rm_vm_backend(host):
     finally:
         for x in (dom0, rm, g):
             x.close()
+
+
+def test_console_shell_has_a_controlling_terminal_so_ctrl_c_works():
+    import select
+
+    from dmore_nova.xen.sim.guest.console import Console
+
+    class Fb:
+        width, height = 640, 160
+        pixels = np.zeros((160, 640), np.uint32)
+
+        def damage(self, *_rect: int) -> None:
+            pass
+
+    con = Console(Fb())
+    con.start()
+    try:
+        def shows(text: str) -> bool:
+            r, _, _ = select.select([con.fileno()], [], [], 0.05)
+            if r:
+                con.on_readable()
+            return any(line.rstrip() == text for line in con.text())
+
+        wait_for(lambda: shows("$"), what="prompt")
+        con.send_input(b"sleep 30\r")
+        wait_for(lambda: shows("$ sleep 30"), what="the command echoed")
+        con.on_key(K.XenkbdKey(pressed=True, keycode=keymap.LINUX_KEYCODES["KEY_LEFTCTRL"]))
+        con.on_key(K.XenkbdKey(pressed=True, keycode=keymap.LINUX_KEYCODES["KEY_C"]))
+        con.send_input(b"echo done $((6*7))\r")
+        wait_for(lambda: shows("done 42"), timeout=5, what="the shell back after ^C")
+    finally:
+        con.close()

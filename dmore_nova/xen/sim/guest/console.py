@@ -261,12 +261,14 @@ class Console:
                                     self.rows * CELL_H))
             os.set_blocking(master, False)
             setsid = shutil.which("setsid")
+            home = self.env.get("HOME", "/")
             # setsid -c: new session with the pty as controlling terminal, so Ctrl-C and job
             # control work (done in C: safe in a process that has threads).
             argv = [setsid, "-c", *self.shell] if setsid else self.shell
             self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave,
                                          env=self.env, close_fds=True,
-                                         start_new_session=setsid is None, cwd=self.env["HOME"])
+                                         start_new_session=setsid is None,
+                                         cwd=home if os.path.isdir(home) else "/")
         except BaseException:
             os.close(master)
             raise
