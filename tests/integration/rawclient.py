@@ -11,7 +11,7 @@ import struct
 
 import numpy as np
 
-RAW, COPYRECT, DESKTOP_SIZE, EXT_DESKTOP_SIZE, LAST_RECT = 0, 1, -223, -308, -224
+RAW, COPYRECT, ZRLE, DESKTOP_SIZE, EXT_DESKTOP_SIZE, LAST_RECT = 0, 1, 16, -223, -308, -224
 
 
 class RawClient:
@@ -35,6 +35,10 @@ class RawClient:
         self.recv(16)  # pixel format: we keep the server's (native 32bpp LE BGRX)
         self.name = self.recv(struct.unpack(">I", self.recv(4))[0])
         self.fb = np.zeros((self.height, self.width), np.uint32)
+        self.zrle_rects: list[bytes] = []
+        self.set_encodings(encodings)
+
+    def set_encodings(self, encodings: tuple[int, ...]) -> None:
         self.sock.sendall(struct.pack(">BxH", 2, len(encodings))
                           + b"".join(struct.pack(">i", e) for e in encodings))
 
@@ -98,6 +102,10 @@ class RawClient:
                     self._resize(w, h)
             elif enc == -258:  # QEMU ext key ack: no payload
                 pass
+            elif enc == ZRLE:  # not decoded here: kept (length-prefixed) for a reference decoder
+                n = self.recv(4)
+                self.zrle_rects.append(struct.pack(">HHHHi", x, y, w, h, enc) + n
+                                       + self.recv(struct.unpack(">I", n)[0]))
             elif enc == LAST_RECT:
                 break
             else:

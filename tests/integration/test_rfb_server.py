@@ -200,3 +200,28 @@ def test_scrolling_is_sent_as_copyrect_and_stays_exact(demo_server_factory):
     assert 1 in seen, "no CopyRect for a scroll"
     _fb_equal(c, server)
     c.close()
+
+
+def test_zrle_stream_survives_encoding_switches(demo_server):
+    """ZRLE has one zlib stream per connection and no reset flag: switching ZRLE -> Raw ->
+    ZRLE must continue the same stream (decoded here with the reference decoder)."""
+    from dmore_nova.rm_vm.rfb.pixelformat import NATIVE
+    from tests.unit.rfb_decoders import ClientFramebuffer
+
+    c = RawClient(demo_server.host, demo_server.port, encodings=(16,))
+    c.full_frame()
+    c.set_encodings((0,))
+    c.request()
+    c.key(ord("r"))
+    c.wait_for_update()
+    c.set_encodings((16,))
+    c.request()
+    c.key(ord("z"))
+    c.wait_for_update()
+    demo_server.wait_for(lambda: demo_server.text() == "rz")
+    time.sleep(0.05)
+    c.full_frame()
+    ref = ClientFramebuffer(c.width, c.height, NATIVE)
+    ref.feed(c.zrle_rects)  # every ZRLE rect of the session through ONE decoder
+    np.testing.assert_array_equal(rgb(ref.pixels), demo_server.framebuffer_rgb())
+    c.close()

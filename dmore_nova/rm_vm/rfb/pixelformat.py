@@ -77,16 +77,6 @@ class PixelFormat:
         return self.bytes_per_pixel == 4 and _same_channels(self, NATIVE) and (
             not self.big_endian)
 
-    @property
-    def fits_cpixel(self) -> bool:
-        """ZRLE/Tight CPIXEL rule: 32bpp true-colour, depth<=24, channels fit in 3 bytes."""
-        return (
-            self.bits_per_pixel == 32 and self.depth <= 24 and self.true_colour
-            and max(self.red_max.bit_length() + self.red_shift,
-                    self.green_max.bit_length() + self.green_shift,
-                    self.blue_max.bit_length() + self.blue_shift) <= 24
-        )
-
 
 def _same_channels(a: PixelFormat, b: PixelFormat) -> bool:
     return (a.red_max, a.green_max, a.blue_max, a.red_shift, a.green_shift, a.blue_shift) == (

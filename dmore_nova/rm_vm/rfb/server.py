@@ -119,6 +119,7 @@ class Viewer(asyncio.Protocol):
         self.resize_status = 0
         self.paused = False
         self.encoder: Encoder | None = None
+        self.encoders: dict[int, Encoder] = {}
         self.copyrect = False
         self.view_only = server.options.view_only
         self._send_scheduled = False
@@ -264,11 +265,15 @@ class Viewer(asyncio.Protocol):
         encs = self.conn.encodings
         chosen = choose_encoding(encs)
         self.copyrect = C.ENC_COPYRECT in encs
-        if self.encoder is None or self.encoder.encoding != chosen:
-            self.encoder = make_encoder(chosen, quality=self.conn.quality,
-                                        compression=self.conn.compression)
+        # One encoder per encoding for the whole connection: ZRLE's zlib stream has no reset
+        # flag, so a client switching ZRLE -> other -> ZRLE must get the same stream back.
+        encoder = self.encoders.get(chosen)
+        if encoder is None:
+            encoder = self.encoders[chosen] = make_encoder(
+                chosen, quality=self.conn.quality, compression=self.conn.compression)
         else:
-            self.encoder.set_levels(self.conn.quality, self.conn.compression)
+            encoder.set_levels(self.conn.quality, self.conn.compression)
+        self.encoder = encoder
 
     def _on_set_desktop_size(self, width: int, height: int) -> None:
         assert self.conn is not None
@@ -318,8 +323,9 @@ class Viewer(asyncio.Protocol):
         self.copies.clear()
         if self.dirty:
             encoder = self.encoder
-            if encoder is None:
-                encoder = self.encoder = make_encoder(C.ENC_RAW)
+            if encoder is None:  # no SetEncodings yet: Raw, which every client decodes
+                encoder = self.encoder = self.encoders.setdefault(C.ENC_RAW,
+                                                                  make_encoder(C.ENC_RAW))
             fb = display.framebuffer()
             limit = conn.continuous_updates
             for rect in self.dirty.take():
