@@ -29,7 +29,8 @@ class XenError(OSError):
 
 
 class XenUnavailable(XenError):
-    """The implementation cannot work here (no /dev/xen, library missing): said at use, not import."""
+    """The implementation cannot work here (no /dev/xen, a library missing): raised at use,
+    never at import."""
 
 
 class XenstoreConflict(XenError):
