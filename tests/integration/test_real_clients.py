@@ -202,6 +202,32 @@ def test_novnc_typed_text_is_echoed(demo_server, novnc_connect):
 
 
 @pytest.mark.browser
+def test_novnc_decodes_cursor_and_led_state(demo_server, novnc_connect):
+    """The Cursor and QEMU LED State pseudo-rectangles reach noVNC's own handlers and are
+    accepted (its handlers return false on short or malformed data)."""
+    viewer = novnc_connect(demo_server.host, demo_server.port)
+    viewer.wait_for_screen(demo_server.framebuffer_rgb())
+    rects = viewer.state()["rects"]
+    assert rects.get("pseudo-cursor", 0) >= 1
+    assert rects.get("pseudo-qemu-led", 0) >= 1
+
+
+def test_vncdotool_decodes_cursor(demo_server, vncdotool_connect):
+    """vncdotool pastes the cursor it decoded into its screenshots at its pointer position
+    (0, 0 here, hot spot 0, 0): the capture must be the framebuffer with our arrow on top."""
+    from dmore_nova.rm_vm.rfb.demo import ARROW
+    from tests.integration.rfb_harness import rgb
+
+    c = vncdotool_connect(demo_server.host, demo_server.port, encodings=["raw"],
+                          pseudo=("desktop-size", "cursor"))
+    want = demo_server.framebuffer_rgb()
+    h, w = ARROW.mask.shape
+    want[:h, :w][ARROW.mask] = rgb(ARROW.pixels)[ARROW.mask]
+    c.wait_for_screen(want)
+    assert c.info()["rects"].get("-239", 0) >= 1
+
+
+@pytest.mark.browser
 def test_novnc_pointer(demo_server, novnc_connect):
     viewer = novnc_connect(demo_server.host, demo_server.port)
     viewer.click(100, 200)

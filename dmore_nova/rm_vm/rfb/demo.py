@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dmore_nova.rm_vm.rfb.display import DisplaySource, KeyInput, PointerInput, Rect
+from dmore_nova.rm_vm.rfb.display import Cursor, DisplaySource, KeyInput, PointerInput, Rect
 
 CELL_W, CELL_H = 8, 16
 FG, BG = 0x00D0D0D0, 0x00102030
@@ -24,6 +24,27 @@ XK_BackSpace, XK_Return, XK_KP_Enter = 0xFF08, 0xFF0D, 0xFF8D
 HEADER_ROWS = 3  # title bar, pointer line, blank
 
 _GLYPHS: dict[str, np.ndarray] = {}
+
+_ARROW_ROWS = (  # X: black outline, o: white fill
+    "X", "XX", "XoX", "XooX", "XoooX", "XooooX", "XoooooX", "XooooooX", "XoooooooX",
+    "XooooooooX", "XoooooXXXXX", "XooXooX", "XoX XooX", "XX  XooX", "X    XooX", "     XooX",
+    "      XX",
+)
+
+
+def _arrow() -> Cursor:
+    h, w = len(_ARROW_ROWS), max(map(len, _ARROW_ROWS))
+    pixels = np.zeros((h, w), np.uint32)
+    mask = np.zeros((h, w), bool)
+    for y, row in enumerate(_ARROW_ROWS):
+        for x, ch in enumerate(row):
+            if ch != " ":
+                mask[y, x] = True
+                pixels[y, x] = 0x00FFFFFF if ch == "o" else 0
+    return Cursor(0, 0, pixels, mask)
+
+
+ARROW = _arrow()
 
 
 def glyph(ch: str) -> np.ndarray:
@@ -66,6 +87,13 @@ class DemoDisplay(DisplaySource):
 
     def framebuffer(self) -> np.ndarray:
         return self._fb
+
+    def cursor(self) -> Cursor:
+        return ARROW
+
+    @property
+    def led_state(self) -> int:
+        return 0
 
     def request_resize(self, width: int, height: int) -> int:
         if not (MIN_SIZE <= width <= MAX_SIZE and MIN_SIZE <= height <= MAX_SIZE):

@@ -49,6 +49,16 @@ class Rect:
         return max(self.w, 0) * max(self.h, 0)
 
 
+@dataclass(frozen=True)
+class Cursor:
+    """A pointer shape: ``pixels`` (h, w) uint32 0x00RRGGBB, ``mask`` (h, w) bool (opaque)."""
+
+    hot_x: int
+    hot_y: int
+    pixels: np.ndarray
+    mask: np.ndarray
+
+
 class DisplayListener(Protocol):
     """What a display tells the server. Called on the event loop's thread."""
 
@@ -61,6 +71,9 @@ class DisplayListener(Protocol):
 
     def copied(self, src_x: int, src_y: int, dst: Rect) -> None:
         """``dst`` now holds what was at (src_x, src_y): a CopyRect opportunity."""
+
+    def leds_changed(self) -> None:
+        """The display's ``led_state`` changed."""
 
 
 class DisplaySource(abc.ABC):
@@ -86,6 +99,17 @@ class DisplaySource(abc.ABC):
         """A (height, width) ``uint32`` array of 0x00RRGGBB pixels (may be a strided view over
         guest memory: read it, never write it, and copy what must not change under you)."""
 
+    def cursor(self) -> Cursor | None:
+        """The pointer shape viewers should draw locally (Cursor pseudo-encoding), or None to
+        leave the client's own cursor."""
+        return None
+
+    @property
+    def led_state(self) -> int | None:
+        """Keyboard LEDs (bit 0 Scroll, 1 Num, 2 Caps Lock) for the QEMU LED State
+        pseudo-encoding, or None when unknown.  Call :meth:`notify_leds` when it changes."""
+        return None
+
     def request_resize(self, width: int, height: int) -> int:
         """A viewer's SetDesktopSize. Return an ExtendedDesktopSize status code: 0 = accepted
         (the display will call ``resized``), 1 = prohibited, 2 = out of resources, 3 = invalid."""
@@ -107,6 +131,10 @@ class DisplaySource(abc.ABC):
             return
         for listener in list(self._listeners):
             listener.damage(rect)
+
+    def notify_leds(self) -> None:
+        for listener in list(self._listeners):
+            listener.leds_changed()
 
     def notify_resized(self, reason: int = 0) -> None:
         for listener in list(self._listeners):

@@ -18,6 +18,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from dmore_nova.rm_vm.rfb import constants as C
 from dmore_nova.rm_vm.rfb import events as ev
 from dmore_nova.rm_vm.rfb.display import (
@@ -28,12 +30,15 @@ from dmore_nova.rm_vm.rfb.display import (
     Rect,
 )
 from dmore_nova.rm_vm.rfb.encodings import Encoder, choose_encoding, copyrect_rect, make_encoder
+from dmore_nova.rm_vm.rfb.pixelformat import convert
 from dmore_nova.rm_vm.rfb.protocol import (
     ConnState,
     ServerConfig,
     ServerConnection,
+    cursor_rect,
     desktop_size_rect,
     extended_desktop_size_rect,
+    led_state_rect,
 )
 from dmore_nova.rm_vm.rfb.region import Region
 from dmore_nova.rm_vm.rfb.security import make_anon_tls_context, make_x509_tls_context
@@ -117,6 +122,8 @@ class Viewer(asyncio.Protocol):
         self.pending_request = False
         self.pending_resize: int | None = None  # ExtendedDesktopSize reason to announce
         self.resize_status = 0
+        self.cursor_pending = False  # send the display's cursor shape with the next update
+        self.leds_pending = False
         self.paused = False
         self.encoder: Encoder | None = None
         self.encoders: dict[int, Encoder] = {}
@@ -194,6 +201,10 @@ class Viewer(asyncio.Protocol):
         self.dirty.add(Rect(0, 0, width, height))
         self._schedule_send()
 
+    def leds_changed(self) -> None:
+        self.leds_pending = True
+        self._schedule_send()
+
     def copied(self, src_x: int, src_y: int, dst: Rect) -> None:
         if not self.copyrect:
             self.dirty.add(dst)
@@ -225,7 +236,9 @@ class Viewer(asyncio.Protocol):
             case ev.SetEncodings():
                 self._on_set_encodings()
             case ev.SetPixelFormat():
-                pass  # conn.pixel_format is current; the client follows with a full request
+                # conn.pixel_format is current; the client follows with a full request.  The
+                # cursor's pixels are in the client's format: send it again.
+                self.cursor_pending = self.conn is not None and self.conn.supports_cursor
             case ev.FramebufferUpdateRequest(incremental=incremental, rect=rect):
                 if not incremental:
                     self.dirty.add(rect.clip(display.width, display.height))
@@ -265,6 +278,9 @@ class Viewer(asyncio.Protocol):
         encs = self.conn.encodings
         chosen = choose_encoding(encs)
         self.copyrect = C.ENC_COPYRECT in encs
+        # Pixel format or capabilities may have changed: (re)send cursor and LEDs.
+        self.cursor_pending = self.conn.supports_cursor
+        self.leds_pending = self.conn.supports_led_state
         # One encoder per encoding for the whole connection: ZRLE's zlib stream has no reset
         # flag, so a client switching ZRLE -> other -> ZRLE must get the same stream back.
         encoder = self.encoders.get(chosen)
@@ -305,10 +321,11 @@ class Viewer(asyncio.Protocol):
             return
         if not (self.pending_request or conn.continuous_updates is not None):
             return
-        if not (self.dirty or self.copies or self.pending_resize is not None):
+        if not (self.dirty or self.copies or self.pending_resize is not None
+                or self.cursor_pending or self.leds_pending):
             return
         display = self.server.display
-        rects: list[bytes] = []
+        rects: list[bytes] = self._pseudo_rects(conn, display)
         if self.pending_resize is not None:
             w, h = display.width, display.height
             if conn.supports_ext_desktop_size:
@@ -341,6 +358,23 @@ class Viewer(asyncio.Protocol):
         self.updates_sent += 1
         self.last_update_time = time.monotonic()
         self._flush()
+
+    def _pseudo_rects(self, conn: ServerConnection, display: DisplaySource) -> list[bytes]:
+        rects: list[bytes] = []
+        if self.cursor_pending:
+            self.cursor_pending = False
+            cur = display.cursor()
+            if cur is not None and conn.supports_cursor:
+                h, w = cur.mask.shape
+                mask = np.packbits(cur.mask, axis=1).tobytes()  # rows padded, MSB first
+                rects.append(cursor_rect(cur.hot_x, cur.hot_y, w, h,
+                                         convert(cur.pixels, conn.pixel_format), mask))
+        if self.leds_pending:
+            self.leds_pending = False
+            leds = display.led_state
+            if leds is not None and conn.supports_led_state:
+                rects.append(led_state_rect(leds))
+        return rects
 
     def _flush(self) -> None:
         if self.conn is None or self.transport is None:

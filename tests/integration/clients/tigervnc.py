@@ -168,8 +168,14 @@ class VncViewer:
         return int(g["X"]), int(g["Y"]), int(g["WIDTH"]), int(g["HEIGHT"])
 
     def capture(self, width: int | None = None, height: int | None = None) -> np.ndarray:
-        """What the viewer window shows (its top-left ``width`` x ``height``) as RGB."""
+        """What the viewer window shows (its top-left ``width`` x ``height``) as RGB.
+
+        The X pointer is parked in the screen's corner first: a server that sends a Cursor
+        shape has it drawn by the viewer wherever the pointer is, and Xvfb's framebuffer
+        includes the (software) cursor."""
         x, y, w, h = self.geometry()
+        sh, sw = self.xvfb.screenshot().shape[:2]
+        self._xdotool("mousemove", str(sw - 1), str(sh - 1))
         w = w if width is None else width
         h = h if height is None else height
         screen = self.xvfb.screenshot()
