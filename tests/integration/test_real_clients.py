@@ -153,6 +153,31 @@ def test_novnc_canvas_is_the_framebuffer(demo_server, novnc_connect, encodings, 
     assert "tight-jpeg" not in rects
 
 
+def _resize(server, w: int, h: int) -> None:
+    assert server.on_loop(lambda: server.display.request_resize(w, h)) == 0
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("pseudo", [["extended-desktop-size"], ["desktop-size"]],
+                         ids=["ExtendedDesktopSize", "DesktopSize"])
+def test_novnc_follows_a_server_resize(demo_server, novnc_connect, pseudo):
+    viewer = novnc_connect(demo_server.host, demo_server.port, encodings=["raw"],
+                           pseudo=pseudo)
+    viewer.wait_for_screen(demo_server.framebuffer_rgb())
+    _resize(demo_server, 640, 400)
+    viewer.wait_for_screen(demo_server.framebuffer_rgb())
+    assert viewer.pixels().shape[:2] == (400, 640)
+
+
+def test_vncdotool_follows_a_server_resize(demo_server, vncdotool_connect):
+    c = vncdotool_connect(demo_server.host, demo_server.port, encodings=["raw"],
+                          pseudo=("desktop-size",))
+    c.wait_for_screen(demo_server.framebuffer_rgb())
+    _resize(demo_server, 512, 384)
+    c.wait_for_screen(demo_server.framebuffer_rgb())
+    assert c.capture().shape[:2] == (384, 512)
+
+
 @pytest.mark.browser
 def test_novnc_tight_jpeg(demo_server, novnc_connect):
     paint_photo(demo_server)
@@ -305,6 +330,11 @@ def test_tigervnc_keys(demo_server, tigervnc_viewer):
         (True, 0x61, 0x1E), (False, 0x61, 0x1E), (True, 0xFF0D, 0x1C), (False, 0xFF0D, 0x1C),
         (True, 0xFF51, 0xCB), (False, 0xFF51, 0xCB)]
     viewer.wait_for_screen(demo_server.framebuffer_rgb())
+    # TigerVNC saw our EndOfContinuousUpdates advertisement and switched to continuous
+    # updates (and fences), so the echo above reached it without per-update requests.
+    conn = demo_server.on_loop(lambda: demo_server.server.viewers[0].conn)
+    assert conn.continuous_updates is not None
+    assert conn.supports_fence and conn.supports_continuous_updates
 
 
 @pytest.mark.parametrize("security", ["TLSNone", "X509None", "X509Vnc", "Plain", "VncAuth"])

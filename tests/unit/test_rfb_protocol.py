@@ -666,7 +666,7 @@ def test_set_encodings_flags_and_levels() -> None:
             C.PSEUDO_QEMU_LED_STATE)
     assert conn.receive_data(set_encodings(*encs)) == [ev.SetEncodings(encs)]
     assert conn.encodings == encs
-    assert (conn.quality, conn.compression) == (2, 2)  # first of each range wins
+    assert (conn.quality, conn.compression) == (7, 2)  # last of each range wins (QEMU, TigerVNC)
     assert conn.supports_desktop_size and conn.supports_ext_desktop_size
     assert conn.supports_last_rect and conn.supports_cursor and conn.supports_led_state
     assert not (conn.supports_fence or conn.supports_continuous_updates
@@ -927,3 +927,15 @@ def test_config_checked() -> None:
         connect(config(versions=((3, 5),)))
     with pytest.raises(ValueError):
         connect(width=65536)
+
+
+def test_advertisements_precede_the_ext_key_ack_update() -> None:
+    """TigerVNC enables continuous updates at the end of its first FramebufferUpdate only if
+    EndOfContinuousUpdates arrived before it: the ack (an update) must come last."""
+    conn = normal()
+    conn.receive_data(set_encodings(C.PSEUDO_QEMU_EXTENDED_KEY_EVENT, C.PSEUDO_FENCE,
+                                    C.PSEUDO_CONTINUOUS_UPDATES))
+    out = conn.data_to_send()
+    assert out[0] == C.MSG_END_OF_CONTINUOUS_UPDATES
+    assert out[1] == C.MSG_SERVER_FENCE
+    assert out[1 + 9] == C.MSG_FRAMEBUFFER_UPDATE

@@ -859,22 +859,26 @@ class ServerConnection:
         old = self._encoding_set
         self.encodings = encs
         self._encoding_set = new = frozenset(encs)
-        # First match wins: the list is in preference order.
-        self.quality = next((e - C.PSEUDO_QUALITY_LEVEL_0 for e in encs
+        # The last level listed wins, as in QEMU's and TigerVNC's servers (and
+        # encodings.requested_levels).
+        self.quality = next((e - C.PSEUDO_QUALITY_LEVEL_0 for e in reversed(encs)
                              if C.PSEUDO_QUALITY_LEVEL_0 <= e <= C.PSEUDO_QUALITY_LEVEL_9), None)
-        self.compression = next((e - C.PSEUDO_COMPRESS_LEVEL_0 for e in encs
+        self.compression = next((e - C.PSEUDO_COMPRESS_LEVEL_0 for e in reversed(encs)
                                  if C.PSEUDO_COMPRESS_LEVEL_0 <= e <= C.PSEUDO_COMPRESS_LEVEL_9),
                                 None)
         added = new - old
-        # Extensions whose client messages may only be used after the server confirmed them:
+        # Extensions whose client messages may only be used after the server confirmed them.
+        # Order matters: TigerVNC turns continuous updates on at the end of the *first*
+        # FramebufferUpdate only if EndOfContinuousUpdates came before it, so the
+        # advertisements go out before the ext-key ack (itself an update).
+        if C.PSEUDO_CONTINUOUS_UPDATES in added:
+            self._write(bytes((C.MSG_END_OF_CONTINUOUS_UPDATES,)))
+        if C.PSEUDO_FENCE in added:
+            self._write_fence(C.FENCE_REQUEST, b"")
         if C.PSEUDO_QEMU_EXTENDED_KEY_EVENT in added:
             # As QEMU: an update holding only the ack rectangle, sent right away.
             self._write(bytes((C.MSG_FRAMEBUFFER_UPDATE, 0)) + _U16.pack(1)
                         + ext_key_event_ack_rect(self.width, self.height))
-        if C.PSEUDO_FENCE in added:
-            self._write_fence(C.FENCE_REQUEST, b"")
-        if C.PSEUDO_CONTINUOUS_UPDATES in added:
-            self._write(bytes((C.MSG_END_OF_CONTINUOUS_UPDATES,)))
         self._events.append(ev.SetEncodings(encs))
 
     def _write_fence(self, flags: int, payload: bytes) -> None:
