@@ -6,6 +6,7 @@ minimal dom0 backend through ``SimXen`` and the ``xen/io`` codecs (map ``page-gr
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import queue
@@ -441,6 +442,15 @@ def test_guest_program_runs_a_shell_typed_into_and_drawn_through_vfb(plumbed, gu
     # Control errors are answers, not crashes.
     assert _control(ctl, {"op": "nope"}) == {"ok": False, "error": "unknown op 'nope'"}
     assert not _control(ctl, {"op": "resume", "domid": "x"})["ok"]
+    from dmore_nova.xen.sim.guest.control import GuestControl
+
+    with GuestControl(ctl) as c:
+        with pytest.raises(XenError) as exc:
+            c.request("nope")
+        assert exc.value.errno == errno.EINVAL
+        assert c.keys()[:len(typed)] == typed             # the connection is still usable
+    with pytest.raises(XenError):
+        GuestControl(ctl + ".missing").status()
 
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(TIMEOUT) == 0
@@ -554,9 +564,73 @@ def test_console_shell_has_a_controlling_terminal_so_ctrl_c_works():
         wait_for(lambda: shows("$"), what="prompt")
         con.send_input(b"sleep 30\r")
         wait_for(lambda: shows("$ sleep 30"), what="the command echoed")
+        # Until sleep runs as the terminal's foreground job, ^C would reach the shell (or its
+        # child before exec, signals not yet reset) and be ignored.
+
+        def sleep_in_foreground() -> bool:
+            try:
+                with open(f"/proc/{os.tcgetpgrp(con.fileno())}/comm") as f:
+                    return f.read().strip() == "sleep"
+            except OSError:
+                return False
+
+        wait_for(sleep_in_foreground, what="sleep in the foreground")
         con.on_key(K.XenkbdKey(pressed=True, keycode=keymap.LINUX_KEYCODES["KEY_LEFTCTRL"]))
         con.on_key(K.XenkbdKey(pressed=True, keycode=keymap.LINUX_KEYCODES["KEY_C"]))
+        # sleep 30 was interrupted: the shell prompts again well before 30 s.
+        wait_for(lambda: shows("^C") and con.text()[2].rstrip() == "$", timeout=5,
+                 what="the shell back after ^C")
         con.send_input(b"echo done $((6*7))\r")
-        wait_for(lambda: shows("done 42"), timeout=5, what="the shell back after ^C")
+        wait_for(lambda: shows("done 42"), what="the shell running commands again")
     finally:
         con.close()
+
+
+def test_guest_program_is_live_migrated_through_its_control_socket(sup, plumbed, guest_proc):
+    """``LiveMigration`` drives the guest *process* (GuestControl = MigratingGuest): the shell
+    keeps running, the screen comes along, the devices are re-created on host b for the new
+    domid, and a backend there gets keys in and pixels out."""
+    from dmore_nova.xen.sim.guest.control import GuestControl
+    from dmore_nova.xen.sim.migration import LiveMigration
+
+    host, guest_id, dom0, be_kbd, be_fb = plumbed
+    proc, ctl, _log = guest_proc
+    be_kbd.connect()
+    be_fb.connect()
+    wait_for(lambda: (0, 0) in be_fb.text_at("$"), what="the prompt on host a")
+    be_kbd.type("echo hi\n")
+    wait_for(lambda: (1, 0) in be_fb.text_at("hi"), what="'hi' on host a")
+
+    b = sup.start_host("b")
+    with b.toolstack() as ts:
+        ts.create_domain("placeholder", 16)
+    with GuestControl(ctl) as guest, LiveMigration(host, b, guest_id, guest) as mig:
+        report = mig.run()
+        new_id = report.new_domid
+        assert new_id is not None and new_id != guest_id
+        st = guest.status()
+        assert st["domid"] == new_id and not st["suspended"]
+        assert st["vkbd"]["backend"] == f"/local/domain/0/backend/vkbd/{new_id}/0"
+        # The source domain is released: its device dirs are gone.
+        assert dom0.xenstore.read(be_kbd.fe_path) is None
+
+        dom0_b = b.xen(0)
+        kbd_b, fb_b = MiniVkbd(dom0_b, new_id), MiniVfb(dom0_b, new_id)
+        try:
+            kbd_b.init()
+            fb_b.init()
+            kbd_b.connect()
+            fb_b.connect()
+            assert (1, 0) in fb_b.text_at("hi")      # the picture came along
+            kbd_b.type("echo ok\n")
+
+            def ok() -> bool:
+                fb_b.drain()
+                return (3, 0) in fb_b.text_at("ok") and fb_b.updated(3, 0, 2)
+
+            wait_for(ok, what="'ok' typed on host b")
+            assert guest.screen()[2].rstrip() == "$ echo ok"
+        finally:
+            kbd_b.disconnect()
+            fb_b.disconnect()
+            dom0_b.close()

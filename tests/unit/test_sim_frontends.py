@@ -809,8 +809,13 @@ def test_guest_discovers_devices_and_moves_to_another_kernel(store, dom0, kernel
     f2 = devices.add_vfb(dom0b, new_id, 0)
     backend_ready(dom0b, f2, videoram=1)
     kernel2 = FakeKernel(store2, domid=new_id)
+    # Like SimKernel.resume_on: the page allocator comes along with the copied memory.
+    kernel2._free = collections.deque(kernel._free)
+    kernel2.allocated = set(kernel.allocated)
+    in_use = len(kernel.allocated)
     old_gref = g.kbd.gref
     g.resume(kernel2)
+    assert len(kernel2.allocated) == in_use       # old frames freed, new ones taken: no leak
     assert kernel.closed
     assert old_gref in kernel.grants              # the old domain is gone; not touched
     assert g.kbd.nodename == k2.frontend and dom0b.read(f"{k2.frontend}/state") == b"3"

@@ -4,7 +4,10 @@
 * :mod:`.kbdfront` -- ``xen-kbdfront`` (records every input event it receives);
 * :mod:`.fbfront` -- ``xen-fbfront`` (framebuffer in guest frames listed by ``pd[]``);
 * :mod:`.console` -- a shell on a pty, drawn into the framebuffer with :mod:`.font`;
-* ``python -m dmore_nova.xen.sim.guest`` (:mod:`.__main__`) -- the guest program.
+* ``python -m dmore_nova.xen.sim.guest`` (:mod:`.__main__`) -- the guest program;
+* :mod:`.control` -- client of the program's control socket; it is a
+  :class:`~dmore_nova.xen.sim.migration.MigratingGuest`, so ``LiveMigration`` can move the
+  guest process between sim hosts.
 
 :class:`Guest` ties them together for one :class:`~dmore_nova.xen.sim.kernel.SimKernel`: it
 finds ``/local/domain/<N>/device/{vkbd,vfb}/0`` (and notices them appear or go, watching
@@ -21,7 +24,10 @@ then the driver's resume: vkbd ends its grant, zeroes its page and publishes a n
 does the same after the guest moved to another sim host (another run dir and domid): the old
 domain's grants/ports/watches are gone with it and are not touched.  The guest program exposes
 this as ``SIGUSR1`` (resume in place) and as the ``resume`` command of its control socket
-(optionally with ``host_dir``/``domid``).
+(optionally with ``host_dir``/``domid``: then the kernel is ``SimKernel.resume_on``, which
+carries the page allocator over with the memory the toolstack copied).  For a live migration
+the control socket also has ``enable_dirty_log``, ``take_dirty_log``, ``suspend`` (no event,
+watch or pty handling -- so no memory writes -- until resumed) and ``resume_cancelled``.
 """
 
 from __future__ import annotations
@@ -267,9 +273,11 @@ async def serve(guest: Guest, *, control_path: str | os.PathLike[str] | None = N
                 on_ready: Callable[[], None] | None = None) -> None:
     """Run ``guest`` on the current loop until ``stop`` is set (or SIGTERM/SIGINT).
 
-    ``SIGUSR1`` resumes the devices in place.  ``control_path``: a unix socket taking one JSON
-    request per line (``status``, ``screen``, ``keys``, ``resume`` [``host_dir``, ``domid``],
-    ``stop``) and answering one JSON line each.  ``kernel_factory(host_dir, domid)`` builds the
+    ``SIGUSR1`` resumes the devices in place (ignored while suspended).  ``control_path``: a
+    unix socket taking one JSON request per line (``status``, ``screen``, ``keys``,
+    ``enable_dirty_log``, ``take_dirty_log``, ``suspend``, ``resume`` [``host_dir``,
+    ``domid``], ``resume_cancelled``, ``stop``; see :mod:`.control`) and answering one JSON
+    line each.  ``kernel_factory(host_dir, domid)`` builds the
     kernel for ``resume`` to another host (default: :class:`SimKernel`).  ``on_ready`` is
     called once everything is wired (and the control socket listens).
     """
@@ -310,6 +318,8 @@ async def serve(guest: Guest, *, control_path: str | os.PathLike[str] | None = N
         return run
 
     def wire_console() -> None:
+        if suspended[0]:
+            return
         for fd in console_fd:
             loop.remove_reader(fd)
             loop.remove_writer(fd)
@@ -345,6 +355,26 @@ async def serve(guest: Guest, *, control_path: str | os.PathLike[str] | None = N
 
     guest.on_console_change = lambda: loop.call_soon(wire_console)
 
+    suspended = [False]
+
+    def unwire_all() -> None:
+        for fd in wired + console_fd:
+            loop.remove_reader(fd)
+            loop.remove_writer(fd)
+        wired.clear()
+        console_fd.clear()
+
+    def do_suspend() -> None:
+        """Quiescent: no event, watch or pty handling, hence no memory writes and no
+        hypercalls, until resumed (the sim's stand-in for a PV kernel's suspend)."""
+        unwire_all()
+        suspended[0] = True
+
+    def do_resume_cancelled() -> None:
+        if suspended[0]:
+            suspended[0] = False
+            wire()
+
     def do_resume(host_dir: str | None = None, domid: int | None = None) -> None:
         kernel = None
         if host_dir is not None or domid is not None:
@@ -352,25 +382,45 @@ async def serve(guest: Guest, *, control_path: str | os.PathLike[str] | None = N
                 raise ControlError("resume to another host needs host_dir and domid")
             if kernel_factory is not None:
                 kernel = kernel_factory(host_dir, domid)
+            elif hasattr(guest.kernel, "resume_on"):
+                # The same guest on the destination: its page allocator comes along with the
+                # memory the toolstack copied.
+                kernel = guest.kernel.resume_on(host_dir, domid)
             else:
                 from dmore_nova.xen.sim.kernel import SimKernel
                 kernel = SimKernel(host_dir, domid)
-        for fd in wired:
-            loop.remove_reader(fd)
-        wired.clear()
+        unwire_all()
         try:
             guest.resume(kernel)
         finally:
+            suspended[0] = False
             wire()
+
+    def dirty_log(name: str) -> Callable[[], Any]:
+        fn = getattr(guest.kernel, name, None)
+        if fn is None:
+            raise ControlError(f"this kernel has no {name}")
+        return fn
 
     def command(req: dict[str, Any]) -> dict[str, Any]:
         op = req.get("op")
         if op == "status":
-            return guest.status()
+            return {**guest.status(), "suspended": suspended[0]}
         if op == "screen":
             return {"lines": guest.console.text() if guest.console else None}
         if op == "keys":
             return {"keys": guest.kbd.keys() if guest.kbd else []}
+        if op == "enable_dirty_log":
+            dirty_log("enable_dirty_log")()
+            return {}
+        if op == "take_dirty_log":
+            return {"frames": list(dirty_log("take_dirty_log")())}
+        if op == "suspend":
+            do_suspend()
+            return {}
+        if op == "resume_cancelled":
+            do_resume_cancelled()
+            return {}
         if op == "resume":
             host_dir, domid = req.get("host_dir"), req.get("domid")
             if host_dir is not None and not isinstance(host_dir, str):
@@ -427,7 +477,8 @@ async def serve(guest: Guest, *, control_path: str | os.PathLike[str] | None = N
                                                  limit=CONTROL_MAX_LINE)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGUSR1, _guarded(do_resume))
+    loop.add_signal_handler(signal.SIGUSR1, _guarded(
+        lambda: None if suspended[0] else do_resume()))
     wire()
     # The device watch fired once on registration; handle what is there already.
     guest.handle_watches()
@@ -438,9 +489,7 @@ async def serve(guest: Guest, *, control_path: str | os.PathLike[str] | None = N
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
-        for fd in wired + console_fd:
-            loop.remove_reader(fd)
-            loop.remove_writer(fd)
+        unwire_all()
         if server is not None:
             server.close()
             await server.wait_closed()

@@ -9,7 +9,8 @@ The process connects to ``RUN_DIR/dom<N>/`` (so it *is* domain N), drives the fr
 finds under ``/local/domain/N/device/{vkbd,vfb}/0`` (and those that appear later), runs a
 shell console in the framebuffer and stays until SIGTERM/SIGINT (or the ``stop`` control
 command).  ``SIGUSR1`` resumes the devices in place, as after a migration; the control socket's
-``resume`` command does the same, optionally onto another host (``host_dir``, ``domid``).
+``resume`` command does the same, optionally onto another host (``host_dir``, ``domid``), and
+its migration ops make the process a ``MigratingGuest`` (:mod:`.control`).
 Once running it prints one JSON line ``{"ready": true, "domid": N, "pid": ...}`` on stdout.
 """
 

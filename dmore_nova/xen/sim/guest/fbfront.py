@@ -145,14 +145,16 @@ class FbFront(XenbusFrontend):
         self.resumes += 1
         self.disconnect_backend(moved)
         n_fb, n_dirs = len(self.fb_frames), len(self.dir_frames)
-        if not moved:
-            # Freed first (the picture is in :attr:`pixels`), so a resume never needs twice the
-            # video memory; the allocator hands out other free frames before these.
-            for frame in self.fb_frames + self.dir_frames + (
-                    [self.page_frame] if self.page_frame is not None else []):
-                try:
-                    self.kernel.free_page(frame)
-                except XenError as exc:
+        # Freed first (the picture is in :attr:`pixels`), so a resume never needs twice the
+        # video memory; the allocator hands out other free frames before these.  After a
+        # migration the new kernel may carry the old allocations over (``resume_on``) or not:
+        # either way nothing maps them in the new domain.
+        for frame in self.fb_frames + self.dir_frames + (
+                [self.page_frame] if self.page_frame is not None else []):
+            try:
+                self.kernel.free_page(frame)
+            except XenError as exc:
+                if not moved:
                     self.log.info("free page %#x: %s", frame, exc)
         self.fb_frames = self._alloc(n_fb)
         self.dir_frames = self._alloc(n_dirs)

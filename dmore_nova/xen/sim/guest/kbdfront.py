@@ -52,6 +52,16 @@ MAX_POINTER_RANGE = 1 << 16
 InEvent = K.XenkbdKey | K.XenkbdPosition | K.XenkbdMotion | K.XenkbdMtouch | K.UnknownEvent
 
 
+def _free_quietly(kernel: GuestKernel, frame: int) -> bool:
+    """Free ``frame`` if this kernel has it allocated (after a migration the new kernel may
+    or may not carry the old allocations over); True if it was freed."""
+    try:
+        kernel.free_page(frame)
+    except XenError:
+        return False
+    return True
+
+
 def event_record(ev: InEvent) -> dict[str, Any]:
     """A JSON-able dict of one in event (the key-log line, minus ``seq``/``t``)."""
     if isinstance(ev, K.XenkbdKey):
@@ -152,6 +162,15 @@ class KbdFront(XenbusFrontend):
             self.kernel.page(old)[:] = bytes(len(self.kernel.page(old)))
             self.kernel.mark_dirty(old)
             self._retired.append(old)
+        elif old is not None:
+            # Migrated: the page came along with the guest's memory (a kernel carrying the
+            # allocator over, ``SimKernel.resume_on``, still counts it as ours) but nothing
+            # maps it in the new domain, so it is simply free again.
+            _free_quietly(self.kernel, old)
+        if moved:  # pages held back for the old backend: their grants died with the domain
+            for frame in self._retired:
+                _free_quietly(self.kernel, frame)
+            self._retired = []
         # A new frame: what the backend mapped before is not what it must map now (on a PV
         # guest the machine frame changes with the host; here the sim re-lays the memory out).
         self.page_frame = self.kernel.alloc_page()
