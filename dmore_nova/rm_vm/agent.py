@@ -8,21 +8,61 @@ Readiness sources on the loop, nothing polled:
 
 Viewers' input goes to the vkbd backend; the vfb backend feeds the display the viewers see.  The
 agent only takes a :class:`~dmore_nova.xen.api.Xen`: it runs unchanged on real Xen and on the sim.
+
+Co-migration hooks (driven by :mod:`dmore_nova.rm_vm.comigration`):
+
+* :meth:`RMAgent.freeze` -- viewers' input is held in order (bounded, overflow counted and
+  logged) instead of going to the ring, and the device state machines stop reacting to the
+  source side, whose guest is about to go;
+* :meth:`RMAgent.input_drained` -- everything written to the ring was consumed by the guest
+  (a suspended Linux frontend would lose what is left in its old page);
+* :meth:`RMAgent.rehome` -- the agent process moves to another host (another ``Xen``, another
+  guest domid) and keeps its RFB server, viewer sockets, display and pending input; backends
+  are re-created for the new guest and re-map/re-bind when its frontends reconnect;
+* :meth:`RMAgent.thaw` -- held input goes to the vkbd (after what was already queued);
+* :meth:`RMAgent.refresh` -- every viewer gets a full update.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from dmore_nova.rm_vm.backends.vfb import VfbBackend, VfbDisplay
-from dmore_nova.rm_vm.backends.vkbd import VkbdBackend
+from dmore_nova.rm_vm.backends.vkbd import MAX_QUEUED, VkbdBackend
 from dmore_nova.rm_vm.backends.xenbus import BackendDevice, DeviceError
-from dmore_nova.rm_vm.rfb.display import KeyInput, PointerInput
+from dmore_nova.rm_vm.rfb.display import KeyInput, PointerInput, Rect
 from dmore_nova.rm_vm.rfb.server import RFBServer, ServerOptions
-from dmore_nova.xen.api import Xen, XenError
+from dmore_nova.xen.api import EventChannels, Xen, XenError
+from dmore_nova.xen.io import kbdif as K
+from dmore_nova.xen.io.xenbus import XenbusState
 
 LOG = logging.getLogger(__name__)
+
+#: Viewer input events held while frozen (a co-migration switchover); beyond this they are
+#: dropped, counted in :attr:`RMAgent.held_dropped` and logged.  Same bound as the vkbd queue.
+MAX_HELD_INPUT = MAX_QUEUED
+
+
+@dataclass
+class InputState:
+    """Input that must survive the backends (re-home) or the agent (restart elsewhere): what
+    the vkbd had queued (already translated), what viewers typed while frozen (not yet), the
+    keyboard/button state the translation depends on, and what the frontend asked for."""
+
+    queue: deque = field(default_factory=deque)
+    held: deque = field(default_factory=deque)
+    pressed: set[int] = field(default_factory=set)
+    buttons: int = 0
+    abs_pointer: bool = False
+    raw_pointer: bool = False
+    dropped: int = 0
+    delivered: int = 0
 
 
 class RMAgent:
@@ -35,10 +75,19 @@ class RMAgent:
         self.width, self.height, self.videoram_mb = width, height, videoram_mb
         self.display = VfbDisplay(width, height, name=f"dom{guest_domid}")
         self.server = RFBServer(self.display, self, options)
-        self.evtchns = xen.event_channels()
+        self.evtchns: EventChannels = xen.event_channels()
         self.vkbd, self.vfb = self._make_devices()
+        self.listen_addr: tuple[str, int] | None = None
+        self.frozen = False
+        self.devices_held = False
+        self.held: deque[KeyInput | PointerInput] = deque()
+        self._carried_queue: deque = deque()
+        self.held_dropped = 0
+        self.rehomes = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watched: list[tuple[str, str]] = []
+        self._readers: list[tuple[int, Xen]] = []
+        self._activity: asyncio.Event | None = None
 
     def _make_devices(self) -> tuple[VkbdBackend, VfbBackend]:
         vkbd = VkbdBackend(self.xen, self.evtchns, self.guest_domid, self.devid,
@@ -55,23 +104,45 @@ class RMAgent:
 
     # -- InputSink: viewers -> vkbd ----------------------------------------------------------
     def key(self, event: KeyInput) -> None:
-        self._guard(self.vkbd, self.vkbd.key, event)
+        if self.frozen:
+            self._hold(event)
+        else:
+            self._guard(self.vkbd, self.vkbd.key, event)
 
     def pointer(self, event: PointerInput) -> None:
-        self._guard(self.vkbd, self.vkbd.pointer, event)
+        if self.frozen:
+            self._hold(event)
+        else:
+            self._guard(self.vkbd, self.vkbd.pointer, event)
+
+    def _hold(self, event: KeyInput | PointerInput) -> None:
+        if len(self.held) >= MAX_HELD_INPUT:
+            self.held_dropped += 1
+            if self.held_dropped == 1 or self.held_dropped % 1000 == 0:
+                LOG.warning("agent: %d input events held while frozen; %d dropped",
+                            MAX_HELD_INPUT, self.held_dropped)
+            return
+        self.held.append(event)
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def start(self, host: str = "127.0.0.1", port: int = 5900) -> int:
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self.evtchns.fileno(), self._on_evtchn)
-        self._loop.add_reader(self.xen.xenstore.watch_fileno(), self._on_watch)
-        self._watch_devices()
+        self._activity = asyncio.Event()
+        self._wire()
         bound = await self.server.listen(host, port)
+        self.listen_addr = (host, bound)
         LOG.info("agent: dom%d console on %s:%d (backend dom%d)", self.guest_domid, host,
                  bound, self.xen.domid)
         return bound
 
-    def _watch_devices(self) -> None:
+    def _wire(self) -> None:
+        """Put the event-channel and watch fds on the loop and watch the device dirs (the
+        first watch event of each is the 'check now' that starts the state machines)."""
+        assert self._loop is not None
+        self._loop.add_reader(self.evtchns.fileno(), self._on_evtchn)
+        self._readers.append((self.evtchns.fileno(), self.xen))
+        self._loop.add_reader(self.xen.xenstore.watch_fileno(), self._on_watch)
+        self._readers.append((self.xen.xenstore.watch_fileno(), self.xen))
         for dev in self.devices:
             fe_dir = f"/local/domain/{self.guest_domid}/device/{dev.kind}/{self.devid}"
             for path in (dev.be_path, fe_dir):
@@ -79,45 +150,78 @@ class RMAgent:
                 self.xen.xenstore.watch(path, token)
                 self._watched.append((path, token))
 
-    async def stop(self) -> None:
-        await self.server.close()
+    def _unwire(self) -> None:
+        """Off the loop, watches dropped; errors ignored (the host may be gone)."""
         if self._loop is not None:
-            self._loop.remove_reader(self.evtchns.fileno())
-            self._loop.remove_reader(self.xen.xenstore.watch_fileno())
+            for fd, _xen in self._readers:
+                self._loop.remove_reader(fd)
+        self._readers.clear()
         for path, token in self._watched:
             try:
                 self.xen.xenstore.unwatch(path, token)
-            except XenError:
-                pass
+            except (XenError, OSError) as exc:
+                LOG.debug("agent: unwatch %s: %s", path, exc)
         self._watched.clear()
+
+    async def stop(self, *, close_devices: bool = True) -> None:
+        """Close the viewers and the server, and the devices: ``close_devices`` tells the
+        frontends (state Closed); without it the backends only let go of the guest's pages
+        and ports, so that another backend instance can take the device over (restart)."""
+        await self.server.close()
+        self._unwire()
         for dev in self.devices:
             try:
-                dev.shutdown()
-            except XenError as exc:
+                if close_devices:
+                    dev.shutdown()
+                else:
+                    dev.disconnect()
+            except (XenError, OSError) as exc:
                 LOG.info("agent: %s shutdown: %s", dev.name, exc)
-        self.evtchns.close()
+        with contextlib.suppress(XenError, OSError):
+            self.evtchns.close()
 
     # -- readiness handlers ------------------------------------------------------------------
+    def _poke(self) -> None:
+        if self._activity is not None:
+            self._activity.set()
+
     def _on_watch(self) -> None:
-        events = self.xen.xenstore.read_watch_events()
-        names = {token.partition(":")[0] for _path, token in events}
-        for dev in self.devices:
-            if dev.name in names:
-                dev.check()
+        try:
+            events = self.xen.xenstore.read_watch_events()
+        except (XenError, OSError) as exc:
+            LOG.warning("agent: xenstore watch connection failed: %s", exc)
+            if self._loop is not None:
+                self._loop.remove_reader(self.xen.xenstore.watch_fileno())
+            self._poke()
+            return
+        if not self.devices_held:
+            names = {token.partition(":")[0] for _path, token in events}
+            for dev in self.devices:
+                if dev.name in names:
+                    dev.check()
+        self._poke()
 
     def _on_evtchn(self) -> None:
         by_port = {dev.port: dev for dev in self.devices if dev.port is not None}
-        while True:
-            port = self.evtchns.pending()
-            if port is None:
-                return
-            dev = by_port.get(port)
-            if dev is not None:
-                self._guard(dev, dev.on_event)
-            try:
-                self.evtchns.unmask(port)
-            except XenError as exc:
-                LOG.info("agent: unmask %d: %s", port, exc)
+        try:
+            while True:
+                port = self.evtchns.pending()
+                if port is None:
+                    break
+                dev = by_port.get(port)
+                # Frozen: the vkbd does not refill the ring (its on_event would); the guest's
+                # notify still wakes whoever waits for the ring to drain.
+                if dev is not None and not (self.frozen and dev is self.vkbd):
+                    self._guard(dev, dev.on_event)
+                try:
+                    self.evtchns.unmask(port)
+                except XenError as exc:
+                    LOG.info("agent: unmask %d: %s", port, exc)
+        except XenError as exc:
+            LOG.warning("agent: event channel handle failed: %s", exc)
+            if self._loop is not None:
+                self._loop.remove_reader(self.evtchns.fileno())
+        self._poke()
 
     @staticmethod
     def _guard(dev: BackendDevice, fn, *args) -> None:
@@ -130,3 +234,139 @@ class RMAgent:
             dev.fail(str(exc))
         except XenError as exc:
             dev.fail(f"hypervisor refused: {exc}")
+
+    # -- co-migration hooks ------------------------------------------------------------------
+    async def wait_until(self, pred: Callable[[], bool], timeout: float) -> bool:
+        """Wait (no polling: woken by watch and event-channel activity) until ``pred()`` is
+        true; False after ``timeout`` seconds."""
+        assert self._activity is not None, "agent not started"
+        deadline = time.monotonic() + timeout
+        while not pred():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._activity.clear()
+            try:
+                await asyncio.wait_for(self._activity.wait(), remaining)
+            except TimeoutError:
+                return pred()
+        return True
+
+    def freeze(self) -> None:
+        """Hold viewers' input (in order, bounded) and stop the device state machines from
+        reacting to the source side while the guest switches over."""
+        self.devices_held = True
+        if not self.frozen:
+            self.frozen = True
+            LOG.info("agent: dom%d input frozen (%d queued in vkbd)", self.guest_domid,
+                     len(self.vkbd.queue))
+
+    def input_drained(self) -> bool:
+        """Has the guest consumed everything in the vkbd ring?  (True without a ring.)"""
+        page = self.vkbd.page
+        if page is None or self.vkbd.closed_reason is not None:
+            return True
+        try:
+            p = K.XenkbdPage(page.mem)
+            return p.in_cons == p.in_prod
+        except (ValueError, TypeError):
+            return True
+
+    @property
+    def queued_input(self) -> int:
+        """Translated events waiting for the ring (including those carried over a re-home)."""
+        return len(self.vkbd.queue) + len(self._carried_queue)
+
+    def devices_connected(self) -> bool:
+        """Both backends Connected with their pages mapped and ports bound."""
+        return (self.vkbd.state is XenbusState.Connected and self.vkbd.page is not None
+                and self.vkbd.port is not None
+                and self.vfb.state is XenbusState.Connected and self.vfb.fb_mapping is not None
+                and self.vfb.port is not None)
+
+    def export_input(self) -> InputState:
+        """Take the pending input and the keyboard state out of this agent (its vkbd keeps an
+        empty queue and nothing is held any more)."""
+        v = self.vkbd
+        v.queue.extendleft(reversed(self._carried_queue))
+        self._carried_queue = deque()
+        state = InputState(queue=v.queue, held=self.held, pressed=set(v._pressed),
+                           buttons=v._buttons, abs_pointer=v.abs_pointer,
+                           raw_pointer=v.raw_pointer, dropped=v.dropped, delivered=v.delivered)
+        v.queue = deque()
+        self.held = deque()
+        return state
+
+    def import_input(self, state: InputState) -> None:
+        """Adopt input taken from another vkbd/agent: queued events first, held ones stay held
+        (frozen) or are replayed by :meth:`thaw`."""
+        v = self.vkbd
+        state.queue.extend(v.queue)
+        v.queue = state.queue
+        v._pressed, v._buttons = set(state.pressed), state.buttons
+        v.abs_pointer, v.raw_pointer = state.abs_pointer, state.raw_pointer
+        v.dropped += state.dropped
+        v.delivered += state.delivered
+        state.held.extend(self.held)
+        self.held = state.held
+
+    def rehome(self, xen: Xen, guest_domid: int) -> Xen:
+        """Move to another host (the RM VM migrated, or the RM is dom0 there): drop the old
+        backends (unmap, unbind: the source can reap the old guest), re-create them for
+        ``guest_domid`` over ``xen``, keep the RFB server, viewers, display and input.  The
+        new backends connect when the guest's resumed frontends publish their new grant,
+        frame and port.  Returns the old ``Xen`` for the caller to close.  Runs on the
+        agent's loop."""
+        new_evtchns = xen.event_channels()
+        old_xen, old_evtchns, old_devices = self.xen, self.evtchns, self.devices
+        self._unwire()
+        for dev in old_devices:
+            try:
+                dev.disconnect()
+            except (XenError, OSError) as exc:
+                LOG.info("agent: %s: releasing on the old host: %s", dev.name, exc)
+        with contextlib.suppress(XenError, OSError):
+            old_evtchns.close()
+        carried = self.export_input()
+        self.xen, self.guest_domid, self.evtchns = xen, guest_domid, new_evtchns
+        self.vkbd, self.vfb = self._make_devices()
+        # The new backends take the keyboard state now; the queued events wait with the held
+        # ones for thaw() (the replay step), so nothing reaches the new ring before it.
+        queue, carried.queue = carried.queue, deque()
+        self.import_input(carried)
+        if self.frozen:
+            self._carried_queue = queue
+        else:
+            self.vkbd.queue.extendleft(reversed(queue))
+        self.devices_held = False  # the new devices are live: they must re-map and re-bind
+        self.rehomes += 1
+        self._wire()
+        LOG.info("agent: re-homed to dom%d (backend dom%d), %d events queued, %d held",
+                 guest_domid, xen.domid, len(self.vkbd.queue) + len(self._carried_queue),
+                 len(self.held))
+        return old_xen
+
+    def thaw(self) -> int:
+        """Let input flow again: re-check the devices (watch events were ignored while
+        frozen), then replay held input after what the vkbd had queued.  Returns how many
+        held events were replayed."""
+        self.frozen = self.devices_held = False
+        self.vkbd.queue.extendleft(reversed(self._carried_queue))
+        self._carried_queue = deque()
+        for dev in self.devices:
+            dev.check()
+        held, self.held = self.held, deque()
+        for event in held:
+            if isinstance(event, KeyInput):
+                self._guard(self.vkbd, self.vkbd.key, event)
+            else:
+                self._guard(self.vkbd, self.vkbd.pointer, event)
+        self._guard(self.vkbd, self.vkbd.flush)
+        LOG.info("agent: dom%d input thawed, %d held events replayed", self.guest_domid,
+                 len(held))
+        return len(held)
+
+    def refresh(self) -> int:
+        """Every viewer gets a full update (at its next request); returns how many viewers."""
+        self.display.notify_damage(Rect(0, 0, self.display.width, self.display.height))
+        return len(self.server.viewers)

@@ -473,14 +473,20 @@ class LiveMigration:
         self.report.total = time.perf_counter() - self._t0
         LOG.info("migrated: %s", self.report.summary())
 
+    def switch_over(self) -> None:
+        """The phases from stop-and-copy to resume (those not done yet): the guest stops
+        here and runs there."""
+        for phase, step in ((Phase.STOP_AND_COPY, self.stop_and_copy),
+                            (Phase.DEVICES, self.plug_devices), (Phase.RESUME, self.resume)):
+            if phase not in self.done:
+                step()
+
     def run(self) -> MigrationReport:
         """All phases; an uncommitted failure is rolled back before the error is raised."""
         try:
             self.prepare()
             self.precopy()
-            self.stop_and_copy()
-            self.plug_devices()
-            self.resume()
+            self.switch_over()
         except BaseException as exc:
             if not self.committed:
                 try:
@@ -566,3 +572,69 @@ def migrate(src: str | os.PathLike[str] | object, dst: str | os.PathLike[str] | 
     """``xl migrate``: the whole live migration of ``domid``; see :class:`LiveMigration`."""
     with LiveMigration(src, dst, domid, guest, **kw) as mig:
         return mig.run()
+
+
+# -- what co-migration needs from the sim toolstack ---------------------------------------------
+
+class StatelessDomain:
+    """A domain whose process keeps no state in the domain's pages, as a
+    :class:`MigratingGuest`: no dirty pages, nothing to do at suspend or resume.  In the sim
+    that is the RM VM: its "process" is the RM agent, whose state lives in the agent's own
+    process and moves with it (:meth:`RMAgent.rehome`), not in the RM VM's pages."""
+
+    def enable_dirty_log(self) -> None:
+        pass
+
+    def take_dirty_log(self) -> Sequence[int]:
+        return ()
+
+    def suspend(self) -> None:
+        pass
+
+    def resume(self, run_dir: Path, domid: int) -> None:
+        pass
+
+    def resume_cancelled(self) -> None:
+        pass
+
+
+class SimMigrationPlatform:
+    """The toolstack of a source and a destination sim host, as co-migration
+    (:mod:`dmore_nova.rm_vm.comigration`) uses it: migrations, ``set_target`` and the RM agent's
+    ``Xen`` at the destination.  ``migration_options`` go to every :class:`LiveMigration`."""
+
+    def __init__(self, src: str | os.PathLike[str] | object,
+                 dst: str | os.PathLike[str] | object, **migration_options) -> None:
+        self.src, self.dst = _run_dir(src), _run_dir(dst)
+        self.migration_options = migration_options
+        self._dst_ts: SimToolstack | None = None
+
+    def guest_migration(self, domid: int, guest: MigratingGuest) -> LiveMigration:
+        return LiveMigration(self.src, self.dst, domid, guest, **self.migration_options)
+
+    def vm_migration(self, domid: int) -> LiveMigration:
+        """The RM VM's own domain (see :class:`StatelessDomain`)."""
+        opts = {k: v for k, v in self.migration_options.items() if k != "fault"}
+        return LiveMigration(self.src, self.dst, domid, StatelessDomain(), **opts)
+
+    def set_target(self, domid: int, target: int) -> None:
+        """On the destination: ``domid`` (the RM VM) gets privilege over ``target``."""
+        if self._dst_ts is None:
+            self._dst_ts = SimToolstack(self.dst)
+        self._dst_ts.set_target(domid, target)
+
+    def open_xen(self, domid: int) -> SimXen:
+        """``api.Xen`` acting as ``domid`` on the destination, xenstore connected."""
+        xen = SimXen(self.dst, domid)
+        try:
+            xen.xenstore  # noqa: B018 - connect now, not lazily on the caller's event loop
+        except BaseException:
+            xen.close()
+            raise
+        return xen
+
+    def close(self) -> None:
+        if self._dst_ts is not None:
+            with contextlib.suppress(Exception):
+                self._dst_ts.close()
+            self._dst_ts = None
