@@ -51,11 +51,14 @@ case a resume is impossible).
 **Only encodings the splice can frame and resume are let through.**  The browser's
 SetEncodings is filtered before it reaches a backend: Raw, CopyRect, RRE, CoRRE, Hextile, Tight
 and TightPNG, and the pseudo-encodings whose payloads are known.  Dropped on purpose: ZRLE,
-ZYWRLE, Zlib and ZlibHex, whose single zlib stream per connection the browser keeps inflating -
-a new backend's fresh deflate stream could not be spliced into it (Tight can: its control byte
-has per-stream reset bits, and the first Tight rectangle of each new backend gets all four set);
-TRLE, JPEG and H.264 (stateful or unframeable here); ExtendedMouseButtons (changes PointerEvent
-framing once a backend acknowledges it) and anything unknown.  A backend that sends something
+ZYWRLE, Zlib and ZlibHex, whose zlib stream the browser keeps inflating for the whole session
+with no rectangle boundary the splice could exploit; TRLE, JPEG and H.264 (stateful or
+unframeable here); ExtendedMouseButtons (changes PointerEvent framing once a backend
+acknowledges it) and anything unknown.  Tight is kept, and its four zlib streams are spliced:
+each Tight rectangle ends on a deflate sync flush, so a new backend's stream can continue the
+browser's inflater once its 2-byte zlib header is stripped (and its reset bits cleared - resets
+are not an option, noVNC's inflater cannot continue a stream after a reset; see
+``_ServerFramer._tight``).  A backend that sends something
 outside that set desynchronises the framing: the session is closed with a reason.
 
 **Browser-to-server bytes are forwarded message by message.**  While no backend is attached,
@@ -537,7 +540,9 @@ class _ServerFramer:
         self._buf = bytearray()
         self._pos = 0            # parse position; _buf[:_pos] is the current unit so far
         self.streaming = False   # part of the current unit was already forwarded
-        self.tight_reset_pending: set[int] = set()
+        #: Per Tight zlib stream: the backend's compressor (re)starts it, so its next chunk
+        #: begins with a zlib header.  A new backend starts all four.
+        self.server_fresh = [True] * 4
         self._gen: _Parser = self._stream()
         self._req: _Request = next(self._gen)
 
@@ -599,8 +604,8 @@ class _ServerFramer:
                     rh = yield 12
                     assert rh is not None
                     x, y, w, h, enc = _RECT.unpack(rh)
-                    yield from self._rect(x, y, w, h, enc, pf)
-                    yield _End("rect", (x, y, w, h, enc))
+                    effect = yield from self._rect(x, y, w, h, enc, pf)
+                    yield _End("rect", (x, y, w, h, enc, effect))
                     if enc == C.PSEUDO_LAST_RECT:
                         break
             elif mtype == C.MSG_SET_COLOUR_MAP_ENTRIES:
@@ -628,7 +633,10 @@ class _ServerFramer:
             else:
                 raise _FramingError(f"unknown server message type {mtype}")
 
-    def _rect(self, x: int, y: int, w: int, h: int, enc: int, pf: PixelFormat) -> _Parser:
+    def _rect(self, x: int, y: int, w: int, h: int, enc: int, pf: PixelFormat
+              ) -> Generator[_Request, bytes | None, tuple[int, int] | None]:
+        """Frame one rectangle's payload; Tight returns its effect on the browser's zlib
+        streams (streams reset, stream used), applied when the rectangle is forwarded."""
         bpp = pf.bytes_per_pixel
         if enc == C.ENC_RAW:
             yield _Skip(w * h * bpp)
@@ -642,9 +650,9 @@ class _ServerFramer:
         elif enc == C.ENC_HEXTILE:
             yield from self._hextile(w, h, bpp)
         elif enc in _TIGHT_FAMILY:
-            yield from self._tight(w, h, pf, enc)
+            return (yield from self._tight(w, h, pf, enc))
         elif enc in _EMPTY_PSEUDO:
-            return
+            pass
         elif enc == C.PSEUDO_CURSOR:
             yield _Skip(w * h * bpp + (w + 7) // 8 * h)
         elif enc == C.PSEUDO_X_CURSOR:
@@ -671,6 +679,7 @@ class _ServerFramer:
                 raise _FramingError(f"VMware cursor type {hdr[0]} unknown")
         else:
             raise _FramingError(f"server used encoding {enc}, which the proxy did not offer")
+        return None
 
     def _hextile(self, w: int, h: int, bpp: int) -> _Parser:
         for ty in range(0, h, 16):
@@ -695,23 +704,45 @@ class _ServerFramer:
                     if got[0]:
                         yield _Skip(got[0] * per)
 
-    def _tight(self, w: int, h: int, pf: PixelFormat, enc: int) -> _Parser:
+    def _tight(self, w: int, h: int, pf: PixelFormat, enc: int
+               ) -> Generator[_Request, bytes | None, tuple[int, int]]:
+        """Frame a Tight rectangle and keep the browser's zlib streams continuous.
+
+        The browser inflates each of Tight's four zlib streams for the whole session, while
+        each backend deflates its own.  Tight's reset bits would let a new backend's stream
+        restart the browser's inflater - but noVNC's pako ``inflateReset`` keeps a stale window
+        (it sets wsize to 0 without dropping the window), so the *second* chunk after a reset
+        of a used stream fails to inflate.  Instead, the browser's started streams are never
+        reset: a backend's stream (re)start is spliced on as a continuation, by clearing its
+        reset bit and stripping the 2-byte zlib header from its first chunk.  That is valid
+        deflate: every Tight rectangle ends on a sync flush (a block boundary), and a fresh
+        compressor only refers back to its own output, which the browser then holds at the
+        same distances.
+        """
         got = yield 1
         assert got is not None
         ctl = got[0]
-        if enc in self.tight_reset_pending:
-            # First rectangle of this Tight family from a new backend: its zlib streams start
-            # fresh, so the browser's inflaters must too (bits 0-3 = reset stream 0-3).
-            self.tight_reset_pending.discard(enc)
-            self._patch_last(ctl | 0x0F)
+        browser_started = self._splice._tight_started
+        resets = ctl & 0x0F
+        forwarded_resets = resets
+        if enc == C.ENC_TIGHT and resets:
+            for i in range(4):
+                if resets >> i & 1:
+                    self.server_fresh[i] = True
+                    if browser_started[i]:
+                        forwarded_resets &= ~(1 << i)
+            if forwarded_resets != resets:
+                self._patch_last((ctl & 0xF0) | forwarded_resets)
         kind = ctl >> 4
         tpix = 3 if _is_tpixel(pf) else pf.bytes_per_pixel
+        used = -1
         if kind == 0x8:  # FillCompression
             yield _Skip(tpix)
         elif kind == 0x9 or (kind == 0xA and enc == C.ENC_TIGHT_PNG):  # JPEG / PNG
             n = yield from self._compact()
             yield _Skip(n)
         elif kind < 0x8:  # BasicCompression
+            stream = kind & 0x3
             filt = 0
             if kind & 0x4:
                 got = yield 1
@@ -730,10 +761,34 @@ class _ServerFramer:
             if size < _TIGHT_MIN_TO_COMPRESS:
                 yield _Skip(size)
             else:
+                start = self._pos
                 n = yield from self._compact()
-                yield _Skip(n)
+                used = stream
+                if enc == C.ENC_TIGHT and self.server_fresh[stream]:
+                    self.server_fresh[stream] = False
+                    if browser_started[stream] and not forwarded_resets >> stream & 1:
+                        n = yield from self._strip_zlib_header(start, n, stream)
+            yield _Skip(n)
         else:
             raise _FramingError(f"Tight compression control {ctl:#04x} invalid")
+        return forwarded_resets, used
+
+    def _strip_zlib_header(self, start: int, n: int, stream: int
+                           ) -> Generator[_Request, bytes | None, int]:
+        """Drop the zlib header (RFC 1950) opening a backend's stream, rewriting the compact
+        length in front of it; returns the new data length."""
+        if n < 2:
+            raise _FramingError(f"Tight stream {stream} restarts with {n} bytes of data")
+        head = yield 2
+        assert head is not None
+        cmf, flg = head
+        if cmf & 0x0F != 8 or (cmf << 8 | flg) % 31 or flg & 0x20:
+            raise _FramingError(f"Tight stream {stream} does not start with a plain zlib "
+                                f"header ({cmf:#04x} {flg:#04x})")
+        new_len = _compact_length(n - 2)
+        self._buf[start:self._pos] = new_len
+        self._pos = start + len(new_len)
+        return n - 2
 
     def _compact(self) -> Generator[_Request, bytes | None, int]:
         got = yield 1
@@ -800,6 +855,9 @@ class RFBSplice:
         self._cu_enabled = False
         self._cu_rect = (0, 0, 0, 0)
         self._swallow_eocu = False
+        #: Per Tight zlib stream: the browser's inflater has data (a stream restart must be
+        #: spliced on as a continuation, see _ServerFramer._tight).
+        self._tight_started = [False] * 4
         #: The pixel format backend updates are parsed with.
         self._parse_pf: PixelFormat | None = None
         # An unfinished FramebufferUpdate, as the browser sees it.
@@ -1044,9 +1102,6 @@ class RFBSplice:
             encs = filter_encodings(self._client_encodings)
             self._to_server(_pack_set_encodings(encs), False)
             self._swallow_eocu = self._saw_eocu and C.PSEUDO_CONTINUOUS_UPDATES in encs
-        # Always, whatever the list says now: the browser's Tight inflaters hold the old
-        # backend's stream state even if it re-adds Tight later.
-        self._framer.tight_reset_pending = set(_TIGHT_FAMILY)
         while self._pending:
             self._to_server(self._pending.popleft(), True)
         self._pending_bytes = 0
@@ -1120,7 +1175,14 @@ class RFBSplice:
             self._fbu_remaining = info[0]
             self._fbu_lastrect = info[0] == 0xFFFF
         elif kind == "rect":
-            x, y, w, h, enc = info
+            x, y, w, h, enc, effect = info
+            if effect is not None and enc == C.ENC_TIGHT:
+                resets, used = effect
+                for i in range(4):
+                    if resets >> i & 1:
+                        self._tight_started[i] = False
+                if used >= 0:
+                    self._tight_started[used] = True
             self._fbu_remaining = 0 if enc == C.PSEUDO_LAST_RECT else self._fbu_remaining - 1
             if enc == C.PSEUDO_DESKTOP_SIZE:
                 self._client_size = (w, h)
@@ -1327,6 +1389,15 @@ class RFBSplice:
                                "while the console was re-attaching")
         pending.append(msg)
         self._pending_bytes += len(msg)
+
+
+def _compact_length(n: int) -> bytes:
+    """Tight's 1-3 byte length (7 bits per byte, high bit = more)."""
+    if n < 0x80:
+        return bytes((n,))
+    if n < 0x4000:
+        return bytes((n & 0x7F | 0x80, n >> 7))
+    return bytes((n & 0x7F | 0x80, (n >> 7) & 0x7F | 0x80, n >> 14))
 
 
 def _pack_set_encodings(encs: tuple[int, ...]) -> bytes:
