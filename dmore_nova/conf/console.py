@@ -42,6 +42,11 @@ OPTS = [
     cfg.IntOpt("max_buffer", default=8 << 20, min=64 << 10, max=1 << 30,
                help="Bytes queued towards one side of a session before reading from the "
                     "other side pauses (backpressure)."),
+    cfg.StrOpt("cert_file",
+               help="PEM certificate for https/wss (noVNC encrypts only through wss://: its "
+                    "VeNCrypt supports no TLS). Unset: plain http/ws, for use behind a TLS "
+                    "terminating front end."),
+    cfg.StrOpt("key_file", help="PEM private key of cert_file (if not inside it)."),
     cfg.ListOpt("allowed_origins", default=[],
                 help="Host names a browser page may come from (Origin header), besides the "
                      "proxy's own."),

@@ -33,6 +33,8 @@ def options_from_conf(group) -> ProxyOptions:  # noqa: ANN001 - an oslo.config g
         allowed_origins=tuple(group.allowed_origins),
         control_hosts=tuple(group.control_hosts),
         novnc_root=group.novnc_root or None,
+        cert_file=group.cert_file,
+        key_file=group.key_file,
         splice=SpliceConfig(max_cut_text=group.max_cut_text,
                             max_pending_input=group.max_pending_input,
                             max_held_unit=group.max_held_message),

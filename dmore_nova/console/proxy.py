@@ -30,6 +30,7 @@ import logging
 import os
 import select
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -40,6 +41,7 @@ from pathlib import Path
 from socketserver import ThreadingMixIn
 from urllib.parse import parse_qs, urlsplit
 
+from websockify.websocket import WebSocketWantReadError, WebSocketWantWriteError
 from websockify.websockifyserver import CompatibleWebSocket, WebSockifyRequestHandler
 
 from dmore_nova.console import rfb_splice as rs
@@ -82,6 +84,9 @@ class ProxyOptions:
     control_hosts: tuple[str, ...] = ("127.0.0.1", "::1")
     #: Directory of noVNC (holding core/rfb.js), served under /novnc/; None: not served.
     novnc_root: str | None = None
+    #: PEM certificate (and key, if not in the same file) for https/wss; None: plain http/ws.
+    cert_file: str | None = None
+    key_file: str | None = None
     splice: rs.SpliceConfig = field(default_factory=rs.SpliceConfig)
 
     @property
@@ -121,21 +126,71 @@ class _WebSocketTooBig(Exception):
 
 
 class _BoundedWebSocket(CompatibleWebSocket):
-    """websockify's server-side WebSocket with a bound on what a peer can make it buffer.
+    """websockify's server-side WebSocket, made safe for a non-blocking loop.
 
-    websockify itself buffers a frame of any announced length (up to 2**63) and any number of
-    continuation frames; a hostile browser could exhaust memory.  Here a frame or message
-    larger than ``max_message`` ends the connection (close code 1009)."""
+    * Bounded: websockify buffers a frame of any announced length (up to 2**63) and any number
+      of continuation frames; a hostile browser could exhaust memory.  Here a frame that
+      announces more than ``max_message``, or a fragmented message that grows beyond it, ends
+      the connection (close code 1009) at once.
+    * Non-blocking TLS (wss): websockify maps only EWOULDBLOCK to its want-read/want-write
+      errors, not ``ssl.SSLWantReadError``/``SSLWantWriteError``, and its read loop can drop
+      the fact that it already buffered data when a later read would block.
+    """
 
     max_message = 1 << 20
 
-    def _recv(self):  # noqa: ANN202 - websockify's internal signature
-        got = super()._recv()
-        # One frame header is at most 14 bytes; a read adds at most 4 KiB past a frame.
-        if (len(self._recv_buffer) > self.max_message + 14 + 4096
-                or len(self._partial_msg) > self.max_message):
+    def _recv(self) -> bool:
+        """Read what the socket has (all of it for TLS, whose records hide in the SSL object);
+        False at end of stream with nothing read."""
+        assert self.socket is not None
+        got = False
+        while True:
+            try:
+                data = self.socket.recv(RECV_SIZE)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                    ssl.SSLWantWriteError):
+                if got:
+                    return True
+                raise WebSocketWantReadError from None
+            if not data:
+                return got
+            self._recv_buffer += data
+            got = True
+            # A frame header is at most 14 bytes; one read adds at most RECV_SIZE past it.
+            if len(self._recv_buffer) > self.max_message + 14 + RECV_SIZE:
+                self._check_size(force=True)
+            pending = getattr(self.socket, "pending", None)
+            if pending is None or not pending():
+                return True
+
+    def _recv_frames(self) -> bool:
+        ok = super()._recv_frames()
+        # Complete frames were taken out: the buffer now starts with the next frame's header.
+        self._check_size()
+        return ok
+
+    def _check_size(self, force: bool = False) -> None:
+        """Refuse as soon as a frame *announces* more than max_message (RFC 6455 5.2), and
+        bound what continuation frames can accumulate."""
+        buf = self._recv_buffer
+        announced = 0
+        if len(buf) >= 2:
+            n = buf[1] & 0x7F
+            if n < 126:
+                announced = n
+            elif n == 126 and len(buf) >= 4:
+                announced = int.from_bytes(buf[2:4], "big")
+            elif n == 127 and len(buf) >= 10:
+                announced = int.from_bytes(buf[2:10], "big")
+        if force or announced > self.max_message or len(self._partial_msg) > self.max_message:
             raise _WebSocketTooBig(f"websocket message larger than {self.max_message} bytes")
-        return got
+
+    def _flush(self) -> None:
+        try:
+            super()._flush()
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError,
+                ssl.SSLWantWriteError):
+            raise WebSocketWantWriteError from None
 
 
 class _Backend:
@@ -793,9 +848,24 @@ class _HTTPServer(ThreadingMixIn, HTTPServer):
         self._slots = threading.BoundedSemaphore(proxy.options.max_connections)
         self.ws_class = type("SessionWebSocket", (_BoundedWebSocket,),
                              {"max_message": proxy.options.max_ws_message})
+        self.ssl_context: ssl.SSLContext | None = None
+        if proxy.options.cert_file:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.load_cert_chain(proxy.options.cert_file, proxy.options.key_file)
+            self.ssl_context = ctx
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
+
+    def get_request(self):  # noqa: ANN201 - socketserver's signature
+        """Accept; with TLS the handshake is left to the handler's thread (its first read),
+        so a slow or silent client never blocks the accept loop."""
+        sock, addr = super().get_request()
+        if self.ssl_context is not None:
+            sock = self.ssl_context.wrap_socket(sock, server_side=True,
+                                                do_handshake_on_connect=False)
+        return sock, addr
 
     def process_request(self, request, client_address):  # noqa: ANN001
         if not self._slots.acquire(blocking=False):
@@ -843,10 +913,11 @@ class ConsoleProxy:
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/"
+        scheme = "https" if self.options.cert_file else "http"
+        return f"{scheme}://{host}:{self.port}/"
 
     def ws_url(self, token: str, path: str = "websockify") -> str:
-        return self.url.replace("http://", "ws://") + f"{path}?token={token}"
+        return "ws" + self.url[4:] + f"{path}?token={token}"
 
     def start(self) -> int:
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="console-proxy",

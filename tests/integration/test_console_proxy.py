@@ -16,6 +16,7 @@ import base64
 import json
 import os
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -37,6 +38,7 @@ from dmore_nova.console.token_plugins import (
 from dmore_nova.rm_vm.rfb import constants as C
 from tests.integration.clients import NOVNC_ROOT, assert_same_image, u32_to_rgb, wait_until
 from tests.integration.clients.fixtures import novnc_browser  # noqa: F401 (pytest fixture)
+from tests.integration.clients.tls import make_test_pki
 from tests.integration.rfb_harness import DemoServerHandle
 
 RAW, DESKTOP_SIZE, EXT_DESKTOP_SIZE, LAST_RECT = (C.ENC_RAW, C.PSEUDO_DESKTOP_SIZE,
@@ -65,8 +67,10 @@ class WSClient:
     """Blocking RFC 6455 client: binary messages, masking, ping answers, close frames."""
 
     def __init__(self, port: int, path: str, *, headers: dict[str, str] | None = None,
-                 timeout: float = 5.0) -> None:
+                 timeout: float = 5.0, tls: ssl.SSLContext | None = None) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        if tls is not None:
+            self.sock = tls.wrap_socket(self.sock, server_hostname="127.0.0.1")
         key = base64.b64encode(os.urandom(16)).decode()
         hdrs = {"Host": f"127.0.0.1:{port}", "Upgrade": "websocket", "Connection": "Upgrade",
                 "Sec-WebSocket-Key": key, "Sec-WebSocket-Version": "13",
@@ -90,6 +94,12 @@ class WSClient:
 
     def send_frame(self, opcode: int, payload: bytes, *, fin: bool = True,
                    mask: bool = True, length: int | None = None) -> None:
+        self.sock.sendall(self.frame(opcode, payload, fin=fin, mask=mask, length=length))
+
+    @staticmethod
+    def frame(opcode: int, payload: bytes, *, fin: bool = True, mask: bool = True,
+              length: int | None = None) -> bytes:
+        """One frame; ``length`` may announce more than ``payload`` holds."""
         n = len(payload) if length is None else length
         first = (0x80 if fin else 0) | opcode
         mbit = 0x80 if mask else 0
@@ -104,7 +114,7 @@ class WSClient:
             arr = np.frombuffer(payload, np.uint8) ^ np.resize(np.frombuffer(m, np.uint8),
                                                                len(payload))
             payload = m + arr.tobytes()
-        self.sock.sendall(head + payload)
+        return head + payload
 
     def send(self, data: bytes) -> None:
         self.send_frame(2, data)
@@ -336,6 +346,23 @@ def test_typing_and_full_update_through_the_proxy(demo_server, proxy_factory):
     demo_server.wait_for(lambda: demo_server.viewer_count() == 0, what="backend closed")
 
 
+def test_wss_with_a_certificate(demo_server, proxy_factory, tmp_path):
+    pki = make_test_pki(tmp_path)
+    proxy = proxy_factory(StaticTokens({"t": target(demo_server)}),
+                          cert_file=str(pki.server_cert), key_file=str(pki.server_key))
+    assert proxy.ws_url("t").startswith("wss://")
+    client_ctx = ssl.create_default_context(cafile=str(pki.ca_cert))
+    v = Viewer(proxy.port, "t", tls=client_ctx)
+    v.type("tls")
+    demo_server.wait_for(lambda: demo_server.text() == "tls", what="keys over wss")
+    for _ in range(3):  # 1.9 MB updates: TLS writes that would block, several times
+        v.request(incremental=False)
+        v.read_full_update()
+    assert_same_image(v.screen(), demo_server.framebuffer_rgb())
+    with pytest.raises((WSRefused, OSError)):  # plain ws to a wss proxy gets nowhere
+        WSClient(proxy.port, "/websockify?token=t", timeout=2)
+
+
 def test_vnc_authentication_towards_the_backend(demo_server_factory, proxy_factory):
     server = demo_server_factory(password="pa55word")
     tokens = StaticTokens({"good": target(server, password="pa55word"),
@@ -545,6 +572,7 @@ def _rfb_ready(port: int, token: str) -> WSClient:
     ("text_frame", 1003),
     ("unmasked_frame", 1002),
     ("huge_frame", 1009),
+    ("huge_frame_behind_another", 1009),
     ("fragment_flood", 1009),
     ("unknown_rfb_message", 1008),
     ("cut_text_too_long", 1008),
@@ -571,6 +599,10 @@ def test_hostile_websocket_input_closes_only_that_connection(demo_server, proxy_
                 bad.sock.sendall(b"\0" * 100_000)
             except OSError:
                 pass
+        elif attack == "huge_frame_behind_another":
+            # In one write: an ordinary key event, then a header announcing 1 TiB, then silence.
+            bad.sock.sendall(WSClient.frame(2, b"\x04\x01\0\0\0\0\0\x61")
+                             + WSClient.frame(2, b"", length=1 << 40))
         elif attack == "fragment_flood":
             bad.send_frame(2, b"\x06", fin=False)
             try:
