@@ -15,9 +15,12 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import socket
 import ssl
 import struct
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -36,7 +39,15 @@ from dmore_nova.console.token_plugins import (
     valid_token,
 )
 from dmore_nova.rm_vm.rfb import constants as C
-from tests.integration.clients import NOVNC_ROOT, assert_same_image, u32_to_rgb, wait_until
+from tests.integration.clients import (
+    NOVNC_ROOT,
+    assert_same_image,
+    free_tcp_port,
+    stop_process,
+    u32_to_rgb,
+    wait_for_port,
+    wait_until,
+)
 from tests.integration.clients.fixtures import novnc_browser  # noqa: F401 (pytest fixture)
 from tests.integration.clients.tls import make_test_pki
 from tests.integration.rfb_harness import DemoServerHandle
@@ -738,3 +749,44 @@ def test_novnc_rides_through_a_move(rm_servers, proxy_factory, novnc_browser):  
         assert "disconnect" not in " ".join(st.get("log", [])), st
     finally:
         viewer.close()
+
+
+# -- the daemon ----------------------------------------------------------------------------------
+
+def test_daemon_from_a_config_file(demo_server, tmp_path):
+    """``python -m dmore_nova.console`` with [console] options: serves a token from its token
+    file, and SIGTERM closes the session and exits 0."""
+    tokens = tmp_path / "tokens.json"
+    tokens.write_text(json.dumps({"vm": {"host": demo_server.host, "port": demo_server.port}}))
+    port = free_tcp_port()
+    conf = tmp_path / "dmore.conf"
+    conf.write_text(f"[console]\nlisten = 127.0.0.1\nport = {port}\ntoken_source = {tokens}\n"
+                    f"novnc_root = {NOVNC_ROOT}\nreattach_timeout = 5\nmax_connections = 8\n")
+    proc = subprocess.Popen([sys.executable, "-m", "dmore_nova.console", "--config-file",
+                             str(conf)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        wait_for_port("127.0.0.1", port, 20, alive=lambda: proc.poll() is None)
+        v = Viewer(port, "vm")
+        v.type("d")
+        demo_server.wait_for(lambda: demo_server.text() == "d", what="key through the daemon")
+        proc.send_signal(signal.SIGTERM)
+        code, reason = v.ws.wait_closed(timeout=10)
+        assert code == 1011 and "shutting down" in reason
+        assert proc.wait(timeout=10) == 0
+    finally:
+        stop_process(proc)
+        if proc.stdout:
+            proc.stdout.close()
+
+
+def test_bad_daemon_config_fails_clearly(tmp_path):
+    conf = tmp_path / "dmore.conf"
+    conf.write_text("[console]\ntoken_plugin = no.such.Plugin\n")
+    r = subprocess.run([sys.executable, "-m", "dmore_nova.console", "--config-file", str(conf)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "cannot load token plugin 'no.such.Plugin'" in r.stderr
+    conf.write_text("[console]\n")  # JSONTokenFile without a source
+    r = subprocess.run([sys.executable, "-m", "dmore_nova.console", "--config-file", str(conf)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "needs the path of the token file" in r.stderr
