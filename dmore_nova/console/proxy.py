@@ -430,7 +430,8 @@ class _Session:
     def _timers(self, now: float, client_deadline: float) -> None:
         if not self.splice.client_ready and now > client_deadline:
             self._handle(self.splice.close("browser did not finish the RFB handshake in "
-                                           f"{self.options.handshake_timeout:g} s"))
+                                           f"{self.options.handshake_timeout:g} s",
+                                           by_client=True))
             return
         if self.attempt is not None:
             self._check_attempt(now)

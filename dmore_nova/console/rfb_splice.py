@@ -936,8 +936,9 @@ class RFBSplice:
         self._cout.clear()
         return out
 
-    def close(self, reason: str) -> list[Event]:
-        """End the session from the proxy's side (a backend could not be reached, shutdown).
+    def close(self, reason: str, *, by_client: bool = False) -> list[Event]:
+        """End the session from the proxy's side (a backend could not be reached, shutdown,
+        or - ``by_client`` - the browser was too slow).
 
         Where the browser's handshake has a place for a failure, the reason is sent there
         (rfbproto "connection failed": no security types, then the reason string)."""
@@ -949,7 +950,7 @@ class RFBSplice:
             text = reason.encode("utf-8", "replace")
             head = _U32.pack(0) if version == C.RFB_VERSION_3_3 else b"\x00"
             self._cout += head + _U32.pack(len(text)) + text
-        self._close(reason, error=True, by_client=False)
+        self._close(reason, error=True, by_client=by_client)
         return self._take_events()
 
     # -- backend side ------------------------------------------------------------------------

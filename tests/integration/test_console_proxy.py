@@ -635,6 +635,17 @@ def test_hostile_websocket_input_closes_only_that_connection(demo_server, proxy_
     assert_same_image(good.screen(), demo_server.framebuffer_rgb())
 
 
+def test_browser_that_never_finishes_the_handshake_is_closed(demo_server, proxy_factory):
+    proxy = proxy_factory(StaticTokens({"t": target(demo_server)}), handshake_timeout=0.5)
+    slow = WSClient(proxy.port, "/websockify?token=t")
+    assert slow.recv_bytes(12) == b"RFB 003.008\n"
+    t0 = time.monotonic()
+    code, reason = slow.wait_closed()
+    assert 0.3 < time.monotonic() - t0 < 3
+    assert code == 1008 and "did not finish the RFB handshake in 0.5 s" in reason
+    wait_until(lambda: demo_server.viewer_count() == 0, 5, what="its backend released")
+
+
 def test_connection_limit(demo_server, proxy_factory):
     proxy = proxy_factory(StaticTokens({"t": target(demo_server)}), max_connections=1)
     v = Viewer(proxy.port, "t")
