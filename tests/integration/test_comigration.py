@@ -3,12 +3,18 @@ viewer types continuously: every key arrives exactly once, in order, at the gues
 the viewer's socket is never closed, and it gets a full update equal to the guest's screen.
 Failure injection at the start and end of every step: rollback (everything stays on the source
 and keeps working) before the guest's commit point, restart of the agent at the destination
-after it.  Also: the RM as a VM (migrated too, target of the guest there), a guest that does not
+after it.  Also: the RM as a VM (migrated too, target of the guest there), the guest *program*
+(a process with a shell console, driven through its control socket), a guest that does not
 drain its ring (rollback), the held-input bound."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +23,9 @@ from dmore_nova.rm_vm.agent import MAX_HELD_INPUT, RMAgent
 from dmore_nova.rm_vm.comigration import STEPS, CoMigration, State
 from dmore_nova.rm_vm.rfb.display import KeyInput
 from dmore_nova.xen.io import keymap
+from dmore_nova.xen.sim.guest.console import DEFAULT_BG
+from dmore_nova.xen.sim.guest.control import GuestControl
+from dmore_nova.xen.sim.guest.font import find_text
 from dmore_nova.xen.sim.migration import SimMigrationPlatform
 from tests.integration.migration_rig import GuestRunner, Hosts, Typist, create_guest, wait
 from tests.integration.rawclient import RawClient
@@ -24,6 +33,7 @@ from tests.integration.rfb_harness import LoopThread
 
 KC = keymap.LINUX_KEYCODES
 SUSPEND_DELAY = 0.05
+REPO = Path(__file__).resolve().parents[2]
 
 
 def keycode(ch: str) -> int:
@@ -198,6 +208,45 @@ def test_comigration_with_rm_vm(hosts):
         rig.close()
 
 
+@pytest.mark.parametrize("state,outcome", [(State.GUEST_SWITCHOVER, State.ROLLED_BACK),
+                                           (State.REMAP_REBIND, State.RESTARTED)])
+def test_rm_vm_failure_recovery(hosts, state, outcome):
+    """With the RM as a VM: a rollback removes both new domains from the destination and the
+    agent goes on as the RM VM on the source; a restart puts the new agent in the RM VM's new
+    domain (its migration is completed first)."""
+    rig = Rig(hosts, rm_vm=True)
+    try:
+        def fault(s: State, w: str) -> None:
+            if (s, w) == (state, "start"):
+                raise RuntimeError("injected")
+
+        report = rig.comigrate(fault=fault)
+        assert report.outcome is outcome, report.summary()
+        agent = report.agent
+        with hosts.b.toolstack() as tb, hosts.a.toolstack() as ta:
+            if outcome is State.ROLLED_BACK:
+                assert [d.domid for d in tb.list_domains()] == [0]
+                assert agent is rig.agent and agent.xen.host == "a"
+                assert agent.xen.domid == rig.rm_domid and ta.target_of(rig.rm_domid) == rig.domid
+            else:
+                rm = report.new_rm_domid
+                assert agent.xen.host == "b" and agent.xen.domid == rm is not None
+                assert tb.target_of(rm) == report.new_guest_domid
+                wait(lambda: {d.domid for d in ta.list_domains()} == {0}, what="source empty")
+        c = RawClient("127.0.0.1", agent.listen_addr[1])
+        wait(lambda: rig.lt.call(agent.devices_connected), what="connected")
+        before = len(rig.guest.keys())
+        c.full_frame()
+        c.key(ord("k"), True)
+        c.key(ord("k"), False)
+        wait(lambda: rig.guest.keys()[before:] == [(KC["KEY_K"], True), (KC["KEY_K"], False)],
+             what="key")
+        np.testing.assert_array_equal(c.full_frame() & 0xFFFFFF, rig.guest.pixels() & 0xFFFFFF)
+        c.close()
+    finally:
+        rig.close()
+
+
 ROLLBACK_POINTS = [(State.PREPARE, "start"), (State.PREPARE, "end"),
                    (State.GUEST_SWITCHOVER, "start")]
 RESTART_POINTS = [(State.GUEST_SWITCHOVER, "end")] + [
@@ -322,4 +371,94 @@ def test_held_input_is_bounded_and_counted(rig):
         return len(rig.agent.held), rig.agent.held_dropped
 
     assert rig.lt.call(flood) == (MAX_HELD_INPUT, 7)
-    rig.lt.call(rig.agent.thaw)
+
+    def thaw_few() -> int:
+        while len(rig.agent.held) > 3:
+            rig.agent.held.pop()
+        return rig.agent.thaw()
+
+    assert rig.lt.call(thaw_few) == 3
+    wait(lambda: rig.guest.keys() == [(KC["KEY_A"], True)] * 3, what="replayed")
+
+
+def test_comigration_of_the_guest_program(hosts, tmp_path):
+    """The guest is the sim guest *program* (its own process, a shell on its console), moved
+    through its control socket: a command line typed across the migration runs on host b,
+    and the viewer, on the same socket, sees the shell's output."""
+    a, b = hosts.a, hosts.b
+    domid = create_guest(a)
+    ctl_path = str(tmp_path / "ctl.sock")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dmore_nova.xen.sim.guest", "--host-dir", str(a.run_dir),
+         "--domid", str(domid), "--control", ctl_path, "--shell", "/bin/sh -i"],
+        stdout=subprocess.PIPE, stderr=open(tmp_path / "guest.log", "wb"),  # noqa: SIM115
+        env={**os.environ, "PYTHONPATH": str(REPO), "PS1": "$ "}, text=True)
+    lt = LoopThread()
+    xen = a.xen(0)
+    agent = RMAgent(xen, domid)
+    ctl = GuestControl(ctl_path)
+    agents = [agent]
+    try:
+        ready = json.loads(proc.stdout.readline() or "{}")
+        assert ready.get("ready"), (tmp_path / "guest.log").read_text()
+        port = lt.run(agent.start("127.0.0.1", 0))
+        c = RawClient("127.0.0.1", port)
+        c.full_frame()
+
+        def screen_has(text: str) -> bool:
+            lines = ctl.screen() or []
+            return any(text in line for line in lines)
+
+        wait(lambda: screen_has("$"), timeout=10, what="the prompt")
+        start = len(ctl.keys())
+        for ch in "echo ":
+            c.key(ord(ch), True)
+            c.key(ord(ch), False)
+        typist = Typist(c, period=0.004)
+        wait(lambda: len(typist.sent) > 5, what="typing")
+        cm = CoMigration(agent, SimMigrationPlatform(a, b), domid, SlowSuspend(ctl))
+        report = lt.run(cm.run(), timeout=30)
+        sent = typist.stop()
+        assert report.outcome is State.DONE, report.summary()
+        assert ctl.status()["domid"] == report.new_guest_domid
+        assert report.steps[STEPS.index(State.REPLAY)].notes["held"] > 0
+        c.key(0xFF0D, True)   # Enter: the shell runs the line on host b
+        c.key(0xFF0D, False)
+        line = "".join(sent)
+        want = expected_events("echo " + line) + [(KC["KEY_ENTER"], True),
+                                                  (KC["KEY_ENTER"], False)]
+        wait(lambda: len(ctl.keys()) >= start + len(want), what="keys at the guest")
+        assert ctl.keys()[start:] == want
+        # The command line and, below it, its output (rows may wrap: compare joined rows).
+        wait(lambda: "".join(ctl.screen() or []).count(line) >= 2, timeout=10,
+             what="the shell's output")
+        # The viewer (same socket) sees it: its picture is the guest's framebuffer.
+        deadline = time.monotonic() + 5
+        while True:
+            c.request()
+            c.wait_for_update()
+            fb = c.fb.copy()
+            mapped = lt.call(lambda: agent.display.framebuffer().copy())
+            hits = find_text((fb & 0xFFFFFF) != DEFAULT_BG, line[:40])
+            # The output starts a row (the command line has it after "$ echo ").
+            if np.array_equal(fb & 0xFFFFFF, mapped & 0xFFFFFF) and any(
+                    col == 0 for _row, col in hits):
+                break
+            assert time.monotonic() < deadline, "viewer picture != guest framebuffer"
+        c.close()
+    finally:
+        ctl.close()
+        for ag in agents:
+            try:
+                lt.run(ag.stop())
+            except Exception:
+                pass
+            ag.xen.close()
+        lt.stop()
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
