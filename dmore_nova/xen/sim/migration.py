@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from dmore_nova.xen.api import XenError
+from dmore_nova.xen.api import XenError, XenStore
 from dmore_nova.xen.sim import devices
 from dmore_nova.xen.sim import hypercall as hc
 from dmore_nova.xen.sim.client import SimToolstack, SimXen
@@ -226,7 +226,7 @@ def log_dirty_clean(xen0: SimXen, domid: int, *, final: bool = False) -> set[int
 
 # -- device records ------------------------------------------------------------------------------
 
-def read_devices(xs, domid: int) -> list[DeviceSpec]:
+def read_devices(xs: XenStore, domid: int) -> list[DeviceSpec]:
     """The guest's devices from the toolstack's own record (never from the guest-writable
     frontend dirs), with the backend keys libxl wrote (``vnc``, ``feature-*``, ...)."""
     out: list[DeviceSpec] = []
