@@ -28,6 +28,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import select
 import socket
 import ssl
@@ -707,11 +708,11 @@ class _Handler(WebSockifyRequestHandler):
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
         LOG.debug("%s - %s", self.client_address[0] if self.client_address else "-",
-                  format % args)
+                  _redact(format % args))
 
     def log_error(self, format: str, *args: object) -> None:  # noqa: A002
         LOG.info("%s - %s", self.client_address[0] if self.client_address else "-",
-                 format % args)
+                 _redact(format % args))
 
     # -- static files ------------------------------------------------------------------------
     def translate_path(self, path: str) -> str:
@@ -837,6 +838,14 @@ class _Handler(WebSockifyRequestHandler):
             session.run()
         finally:
             proxy._unregister(session)
+
+
+_TOKEN_IN_URL = re.compile(r"(token(?:=|%3[dD]))[^&\s\"']+")
+
+
+def _redact(text: str) -> str:
+    """Console tokens are credentials: never write one to a log (request lines carry them)."""
+    return _TOKEN_IN_URL.sub(r"\1***", text)
 
 
 class _HTTPServer(ThreadingMixIn, HTTPServer):

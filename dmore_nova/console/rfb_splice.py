@@ -1295,6 +1295,9 @@ class RFBSplice:
             self._client_pf = pf
             if self._server is not None:
                 self._to_server(bytes(buf[pos:pos + 20]), False)
+                # Updates whose header arrives from now on are parsed in the new format: the
+                # same assumption the browser itself must make (rfbproto gives no marker), and
+                # exact for noVNC, which sets its format once, before its first request.
                 self._parse_pf = pf
             return 20
         if mtype == C.MSG_SET_ENCODINGS:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import signal
 import socket
@@ -561,6 +562,22 @@ def test_wrong_missing_or_malformed_token_is_refused(demo_server, proxy_factory)
     # The token may also come as a cookie (as Nova's proxy accepts it).
     v = Viewer(proxy.port, "", path="/websockify", headers={"Cookie": "token=good"})
     assert v.width == 800
+
+
+def test_tokens_and_passwords_stay_out_of_the_logs(demo_server_factory, proxy_factory,
+                                                   caplog):
+    server = demo_server_factory(password="hunter22")
+    token = "0f4d6a8e-2b8c-4a57-9f6e-5e6d1c2b3a4f"
+    proxy = proxy_factory(StaticTokens({token: target(server, password="hunter22")}))
+    with caplog.at_level(logging.DEBUG):
+        v = Viewer(proxy.port, token)
+        v.close()
+        with pytest.raises(WSRefused):
+            WSClient(proxy.port, "/websockify?token=wrong-but-secret-0123456789")
+        wait_until(lambda: not proxy.sessions(), 5, what="session end")
+    assert "websockify?token=***" in caplog.text
+    for secret in (token, "hunter22", "wrong-but-secret-0123456789"):
+        assert secret not in caplog.text
 
 
 def test_foreign_origin_is_refused(demo_server, proxy_factory):
