@@ -52,6 +52,14 @@ class Transaction(abc.ABC):
     @abc.abstractmethod
     def directory(self, path: str) -> list[str]: ...
 
+    @abc.abstractmethod
+    def mkdir(self, path: str) -> None: ...
+
+    @abc.abstractmethod
+    def set_perms(self, path: str, perms: Sequence[str]) -> None:
+        """Toolstacks create a device's nodes *and* their permissions in one transaction, so
+        no node is ever visible to the guest with its parent's permissions."""
+
 
 class XenStore(abc.ABC):
     """xenstore as a backend sees it (docs/misc/xenstore.txt).  Reads return ``None`` for a

@@ -135,6 +135,12 @@ class _PyxsTransaction(api.Transaction):
     def directory(self, path: str) -> list[str]:
         return self._store._directory(path, self.tx_id)
 
+    def mkdir(self, path: str) -> None:
+        self._store._mkdir(path, self.tx_id)
+
+    def set_perms(self, path: str, perms: Sequence[str]) -> None:
+        self._store._set_perms(path, perms, self.tx_id)
+
 
 class PyxsXenStore(api.XenStore):
     """xenstore through pyxs.
@@ -295,7 +301,10 @@ class PyxsXenStore(api.XenStore):
         self._write(path, value)
 
     def mkdir(self, path: str) -> None:
-        self._request(Op.MKDIR, self._path(path) + NUL)
+        self._mkdir(path)
+
+    def _mkdir(self, path: str, tx_id: int = 0) -> None:
+        self._request(Op.MKDIR, self._path(path) + NUL, tx_id)
 
     def rm(self, path: str) -> None:
         self._rm(path)
@@ -308,11 +317,15 @@ class PyxsXenStore(api.XenStore):
         return [p.decode("ascii", "replace") for p in payload.split(NUL) if p]
 
     def set_perms(self, path: str, perms: Sequence[str]) -> None:
+        self._set_perms(path, perms)
+
+    def _set_perms(self, path: str, perms: Sequence[str], tx_id: int = 0) -> None:
         encoded = [p.encode("ascii", "replace") for p in perms]
         if not encoded:
             raise api.XenError(errno.EINVAL, "set_perms needs at least the owner entry")
         _check(check_perms, "permissions", encoded)  # type: ignore[arg-type]
-        self._request(Op.SET_PERMS, self._path(path) + NUL + b"".join(p + NUL for p in encoded))
+        self._request(Op.SET_PERMS, self._path(path) + NUL + b"".join(p + NUL for p in encoded),
+                      tx_id)
 
     def get_domain_path(self, domid: int) -> str:
         if not 0 <= domid < 0x10000:

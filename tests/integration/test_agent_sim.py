@@ -270,3 +270,26 @@ def test_frontend_waiting_in_initialised_is_not_a_restart(rig):
     time.sleep(0.3)
     assert rig.agent.vkbd.closed_reason is None
     assert len(rig.agent.vkbd._reconnects) == 0 and rig.agent.vkbd.connected_values == values
+
+
+def test_in_place_resume_seen_only_as_connected_is_a_fresh_connect(rig):
+    """A resumed Linux kbdfront may go Initialised -> Connected before our watch fires: all we
+    see is Connected with a new page-gref (same event-channel number). Still a reconnect."""
+    kbd, fb = connect_both(rig)
+    kbd2 = ManualKbd(rig.kernel, 0)
+    xs = rig.kernel.xenstore
+
+    def publish_all_at_once(t):
+        for k, v in (("page-gref", kbd2.gref), ("page-ref", kbd2.frame),
+                     ("event-channel", kbd2.port), ("state", int(XenbusState.Connected))):
+            t.write(f"{kbd2.path}/{k}", str(v))
+
+    xs.run_transaction(publish_all_at_once)  # one commit: the intermediate state never exists
+    rig.wait(lambda: rig.agent.vkbd.connected_values[0] == str(kbd2.gref).encode()
+             and rig.be_state("vkbd") == XenbusState.Connected, what="reconnect")
+    c = RawClient("127.0.0.1", rig.port)
+    c.full_frame()
+    c.key(ord("w"))
+    evs = wait_kbd(kbd2, 1)
+    assert [(e.keycode, e.pressed) for e in evs] == [(KC["KEY_W"], True)]
+    c.close()

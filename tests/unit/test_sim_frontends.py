@@ -42,11 +42,14 @@ C = keymap.LINUX_KEYCODES
 
 # --- an api.XenStore over an in-process sim xenstore connection ------------------------------
 class _Tx(api.Transaction):
-    def __init__(self, store: ConnStore, tx_id: int, native: bool) -> None:
+    def __init__(self, store: ConnStore, tx_id: int) -> None:
         self.s, self.tx_id = store, tx_id
-        if native:
-            self.mkdir = lambda path: store.conn.mkdir(path, tx_id=tx_id)
-            self.set_perms = lambda path, perms: store.conn.set_perms(path, perms, tx_id=tx_id)
+
+    def mkdir(self, path: str) -> None:
+        self.s.conn.mkdir(path, tx_id=self.tx_id)
+
+    def set_perms(self, path: str, perms) -> None:
+        self.s.conn.set_perms(path, perms, tx_id=self.tx_id)
 
     def read(self, path: str) -> bytes | None:
         return self.s._read(path, self.tx_id)
@@ -68,9 +71,8 @@ class _Tx(api.Transaction):
 class ConnStore(api.XenStore):
     """``api.XenStore`` semantics (None/[] for missing nodes) over ``Xenstore.connect``."""
 
-    def __init__(self, store: Xenstore, domid: int, *, native_tx: bool = True) -> None:
+    def __init__(self, store: Xenstore, domid: int) -> None:
         self.conn = store.connect(domid)
-        self.native_tx = native_tx
 
     def _read(self, path: str, tx_id: int = 0) -> bytes | None:
         try:
@@ -114,7 +116,7 @@ class ConnStore(api.XenStore):
     def transaction(self) -> Iterator[api.Transaction]:
         tx = self.conn.transaction_start()
         try:
-            yield _Tx(self, tx, self.native_tx)
+            yield _Tx(self, tx)
         except BaseException:
             with contextlib.suppress(XsError):
                 self.conn.transaction_end(tx, False)
@@ -396,9 +398,8 @@ def test_console_cursor_is_an_underline_that_follows_the_text():
 
 
 # --- device plumbing -----------------------------------------------------------------------
-@pytest.mark.parametrize("native", [True, False])
-def test_add_device_writes_libxl_layout_with_permissions(store, native):
-    dom0 = ConnStore(store, 0, native_tx=native)
+def test_add_device_writes_libxl_layout_with_permissions(store):
+    dom0 = ConnStore(store, 0)
     rm_vm = 7
     dev = devices.add_vfb(dom0, GUEST, rm_vm, vncpasswd="s3cret")
     assert dev.frontend == f"/local/domain/{GUEST}/device/vfb/0"

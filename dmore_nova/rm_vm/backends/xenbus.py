@@ -192,10 +192,10 @@ class BackendDevice(abc.ABC):
                 self.set_state(XenbusState.Closed)
             return
 
-        if fe_state in (XenbusState.Initialising, XenbusState.Initialised) and (
-                self.state in (XenbusState.Closing, XenbusState.Closed)
-                or (self.state is XenbusState.Connected and self._frontend_restarted(
-                    prev_fe_state))):
+        if (fe_state in (XenbusState.Initialising, XenbusState.Initialised)
+                and self.state in (XenbusState.Closing, XenbusState.Closed)) or (
+                self.state is XenbusState.Connected and self._frontend_restarted(
+                    fe_state, prev_fe_state)):
             # The frontend starts over (resume after migration, or a driver reload).
             self._count_reconnect()
             self.disconnect()
@@ -216,12 +216,21 @@ class BackendDevice(abc.ABC):
             self.fe_connected = True
             self.frontend_connected()
 
-    def _frontend_restarted(self, prev_fe_state: XenbusState) -> bool:
-        """While we are Connected, a frontend in Initialising/Initialised is either still
-        waiting to see our Connected (nothing to do) or has started over: it came back from
-        Connected, or it published a different ring/event channel (watch events can coalesce,
-        so the intermediate states may never be seen)."""
-        if prev_fe_state in (XenbusState.Connected, XenbusState.Closing, XenbusState.Closed):
+    def _frontend_restarted(self, fe_state: XenbusState, prev_fe_state: XenbusState) -> bool:
+        """While we are Connected, has the frontend started over?
+
+        A frontend in Initialising/Initialised may just be waiting to see our Connected
+        (nothing to do).  It has restarted if it came back from Connected, or if it published
+        a different ring/event channel.  The values are checked in Connected too: a Linux
+        frontend resuming in place sees us still Connected and goes Initialised -> Connected
+        within a millisecond, so watch events coalesce and the intermediate state may never be
+        seen (the event-channel *number* often stays the same: Xen hands out the lowest free
+        port; the grant reference does not)."""
+        if fe_state not in (XenbusState.Initialising, XenbusState.Initialised,
+                            XenbusState.Connected):
+            return False
+        if fe_state is not XenbusState.Connected and prev_fe_state in (
+                XenbusState.Connected, XenbusState.Closing, XenbusState.Closed):
             return True
         return self.connect_values() != self.connected_values
 

@@ -125,19 +125,19 @@ def add_device(xs: api.XenStore, kind: str, fe_domid: int, be_domid: int, devid:
     fents = {"backend": dev.backend, "backend-id": str(be_domid), "state": state}
     bents = {"frontend-id": str(fe_domid), "online": "1", "state": state, **extra}
 
-    def body(t: Any, native: bool) -> None:
+    def body(t: api.Transaction) -> None:
         for path in (dev.libxl, dev.frontend, dev.backend):
             t.rm(path)
         t.write(f"{dev.libxl}/frontend", dev.frontend)
         t.write(f"{dev.libxl}/backend", dev.backend)
-        if native:
-            t.mkdir(dev.frontend)
-            t.set_perms(dev.frontend, dev.frontend_perms)
+        # Each dir is created with its final permissions inside the transaction: no node is
+        # ever visible to the guest with its parent's permissions.
+        t.mkdir(dev.frontend)
+        t.set_perms(dev.frontend, dev.frontend_perms)
         for k, v in fents.items():
             t.write(f"{dev.frontend}/{k}", v)
-        if native:
-            t.mkdir(dev.backend)
-            t.set_perms(dev.backend, dev.backend_perms)
+        t.mkdir(dev.backend)
+        t.set_perms(dev.backend, dev.backend_perms)
         t.write(f"{dev.backend}/frontend", dev.frontend)
         for k, v in bents.items():
             t.write(f"{dev.backend}/{k}", v)
@@ -146,30 +146,8 @@ def add_device(xs: api.XenStore, kind: str, fe_domid: int, be_domid: int, devid:
         for k, v in bents.items():
             t.write(f"{dev.libxl}/{k}", v)
 
-    if _tx_native(xs):
-        xs.run_transaction(lambda t: body(t, True))
-        return dev
-    fe_parent = dev.frontend.rsplit("/", 1)[0]
-    be_parent = dev.backend.rsplit("/", 1)[0]
-    saved: list[tuple[str, list[str]]] = []
-    try:
-        for parent, perms in ((fe_parent, dev.frontend_perms), (be_parent, dev.backend_perms)):
-            if not _exists(xs, parent):
-                xs.mkdir(parent)
-            saved.append((parent, xs.get_perms(parent)))
-            xs.set_perms(parent, perms)
-        xs.run_transaction(lambda t: body(t, False))
-    finally:
-        for parent, perms in reversed(saved):
-            xs.set_perms(parent, perms)
+    xs.run_transaction(body)
     return dev
-
-
-def _tx_native(xs: api.XenStore) -> bool:
-    """Does this store's transaction object offer ``mkdir`` and ``set_perms``?"""
-    with xs.transaction() as t:
-        ok = callable(getattr(t, "mkdir", None)) and callable(getattr(t, "set_perms", None))
-    return ok
 
 
 def add_vkbd(xs: api.XenStore, fe_domid: int, be_domid: int = 0, devid: int = 0, *,
