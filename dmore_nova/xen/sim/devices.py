@@ -108,10 +108,6 @@ def _check_keys(keys: Mapping[str, str]) -> None:
             raise ValueError(f"value of {k} longer than {MAX_VALUE_LEN}")
 
 
-def _exists(xs: api.XenStore, path: str) -> bool:
-    return xs.read(path) is not None
-
-
 def add_device(xs: api.XenStore, kind: str, fe_domid: int, be_domid: int, devid: int = 0, *,
                backend_keys: Mapping[str, str] | None = None) -> DevicePaths:
     """Create device ``kind`` ``devid`` of ``fe_domid`` served by ``be_domid`` (see the module
