@@ -818,3 +818,117 @@ def test_bad_daemon_config_fails_clearly(tmp_path):
     r = subprocess.run([sys.executable, "-m", "dmore_nova.console", "--config-file", str(conf)],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "needs the path of the token file" in r.stderr
+
+
+# -- the console page in Chromium ----------------------------------------------------------------
+
+#: A minimal playwright-core driver for *our* page (the shared harness drives its own page):
+#: load the URL, then answer stdin lines "status", "type <text>", "quit" with JSON lines.
+CONSOLE_PAGE_DRIVER = r"""
+import { createRequire } from 'node:module';
+import path from 'node:path';
+import readline from 'node:readline';
+const [jsRoot, url] = process.argv.slice(2);
+const require = createRequire(path.join(jsRoot, 'package.json'));
+const { chromium } = require('playwright-core');
+const browser = await chromium.launch({
+  executablePath: '/usr/bin/chromium', headless: true,
+  args: ['--no-sandbox', '--disable-dev-shm-usage', '--disable-gpu', '--no-first-run',
+         '--disable-background-networking'],
+});
+const page = await browser.newPage();
+const log = [];
+page.on('console', (m) => log.push(m.type() + ': ' + m.text()));
+page.on('pageerror', (e) => log.push('pageerror: ' + e.message));
+const out = (o) => process.stdout.write(JSON.stringify(o) + '\n');
+const status = async () => ({
+  status: await page.$eval('#status', (e) => e.textContent),
+  name: await page.$eval('#name', (e) => e.textContent), log: log.slice(-20) });
+await page.goto(url);
+await page.waitForFunction(() => {
+  const t = document.getElementById('status').textContent;
+  return t !== 'Loading...' && t !== 'Connecting...';
+}, null, { timeout: 20000 });
+out(await status());
+for await (const line of readline.createInterface({ input: process.stdin })) {
+  if (line === 'quit') break;
+  if (line.startsWith('type ')) await page.keyboard.type(line.slice(5));
+  out(await status());
+}
+await browser.close();
+process.exit(0);
+"""
+
+
+class ConsolePage:
+    """Our console.html in headless Chromium, loaded from the proxy itself."""
+
+    def __init__(self, url: str, tmp_path) -> None:
+        from tests.integration.clients import JS_ROOT
+
+        script = tmp_path / "console_page.mjs"
+        script.write_text(CONSOLE_PAGE_DRIVER)
+        self.proc = subprocess.Popen(["node", str(script), str(JS_ROOT), url],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.first = self._line()
+
+    def _line(self) -> dict:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise AssertionError(f"console page driver ended: {err[-2000:]}")
+        return json.loads(line)
+
+    def ask(self, command: str) -> dict:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._line()
+
+    def close(self) -> None:
+        try:
+            if self.proc.poll() is None and self.proc.stdin is not None:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        stop_process(self.proc)
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if f:
+                f.close()
+
+
+@pytest.mark.browser
+def test_console_page_connects_and_survives_a_move(rm_servers, proxy_factory, tmp_path):
+    h1 = rm_servers()
+    tokens = StaticTokens({"vm": target(h1)})
+    proxy = proxy_factory(tokens, novnc_root=str(NOVNC_ROOT))
+    page = ConsolePage(f"{proxy.url}console.html?token=vm", tmp_path)
+    try:
+        assert page.first["status"] == "Connected", page.first
+        assert page.first["name"] == "dmore-nova demo"
+        page.ask("type ab")
+        h1.wait_for(lambda: h1.text() == "ab", what="keys from the console page")
+        rm_servers.kill(h1)
+        wait_until(lambda: not session_of(proxy, "vm").attached, 5, what="detach")
+        page.ask("type cd")
+        h2 = rm_servers()
+        tokens.set("vm", target(h2))
+        h2.wait_for(lambda: h2.text() == "cd", what="keys typed on the page during the move")
+        assert page.ask("status")["status"] == "Connected"
+    finally:
+        page.close()
+    # A bad token: the page says it could not connect instead of hanging.
+    bad = ConsolePage(f"{proxy.url}console.html?token=nope", tmp_path)
+    try:
+        assert bad.first["status"] in ("Connection lost", "Disconnected"), bad.first
+    finally:
+        bad.close()
+    missing = ConsolePage(f"{proxy.url}console.html", tmp_path)
+    try:
+        assert missing.first["status"].startswith("No console token"), missing.first
+    finally:
+        missing.close()
