@@ -186,6 +186,12 @@ class _BoundedWebSocket(CompatibleWebSocket):
         if force or announced > self.max_message or len(self._partial_msg) > self.max_message:
             raise _WebSocketTooBig(f"websocket message larger than {self.max_message} bytes")
 
+    def handle_ping(self, data: bytes) -> None:
+        """Queue the pong behind whatever is pending.  websockify's ``pong()`` would raise
+        from inside a read when the socket is full, and with a data message pending it raises
+        ValueError - either would end a healthy session."""
+        self._send_buffer += self._encode_hybi(0xA, data)
+
     def _flush(self) -> None:
         try:
             super()._flush()
@@ -368,9 +374,9 @@ class _Session:
                 rlist: list = [self._wake_r]
                 wlist: list = []
                 backend, attempt = self.backend, self.attempt
-                if self._ws_backlog() < self.options.max_buffer and (
-                        backend is None or self.splice.server_output_size
-                        < self.options.max_buffer):
+                # Browser input is read even while updates queue towards it (keys must not
+                # wait behind a big update); it pauses only when the backend does not read.
+                if backend is None or self.splice.server_output_size < self.options.max_buffer:
                     rlist.append(csock)
                 if self._ws_backlog():
                     wlist.append(csock)
@@ -502,6 +508,10 @@ class _Session:
     def _flush_ws(self) -> None:
         try:
             self.handler.send_frames()
+            if not self.handler.send_parts and self.ws._send_buffer:
+                self.ws._flush()  # control frames (pongs) queued outside send_frames
+        except WebSocketWantWriteError:
+            pass
         except OSError as exc:
             self._handle(self.splice.receive_client_data(b""),
                          note=f"browser connection error: {exc}")

@@ -79,8 +79,13 @@ class WSClient:
     """Blocking RFC 6455 client: binary messages, masking, ping answers, close frames."""
 
     def __init__(self, port: int, path: str, *, headers: dict[str, str] | None = None,
-                 timeout: float = 5.0, tls: ssl.SSLContext | None = None) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+                 timeout: float = 5.0, tls: ssl.SSLContext | None = None,
+                 rcvbuf: int | None = None) -> None:
+        self.sock = socket.socket()
+        self.sock.settimeout(timeout)
+        if rcvbuf:  # a slow reader: the proxy's writes block early
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.connect(("127.0.0.1", port))
         if tls is not None:
             self.sock = tls.wrap_socket(self.sock, server_hostname="127.0.0.1")
         key = base64.b64encode(os.urandom(16)).decode()
@@ -373,6 +378,32 @@ def test_wss_with_a_certificate(demo_server, proxy_factory, tmp_path):
     assert_same_image(v.screen(), demo_server.framebuffer_rgb())
     with pytest.raises((WSRefused, OSError)):  # plain ws to a wss proxy gets nowhere
         WSClient(proxy.port, "/websockify?token=t", timeout=2)
+
+
+def test_pings_and_keys_are_handled_while_an_update_is_stuck(demo_server_factory, proxy_factory):
+    demo_server = demo_server_factory(width=2048, height=1536)
+    proxy = proxy_factory(StaticTokens({"t": target(demo_server)}))
+    v = Viewer(proxy.port, "t", rcvbuf=4096)
+    ws = v.ws
+    v.request(incremental=False)       # a 12 MB update the proxy cannot write at once...
+    time.sleep(0.3)
+    ws.send_frame(9, b"ping-1")         # ...and pings while it is stuck
+    ws.send_frame(9, b"ping-2")
+    v.type("k")                         # keys do not wait behind the update either
+    demo_server.wait_for(lambda: demo_server.text() == "k", what="key during a stuck update")
+    pongs, data = [], bytearray()
+    while len(pongs) < 2 or len(data) < 4 + 12 + 2048 * 1536 * 4:
+        op, payload = ws._frame()
+        if op == 10:
+            pongs.append(payload)
+        elif op == 2:
+            data += payload
+        else:
+            raise AssertionError(f"unexpected opcode {op}")
+    assert pongs == [b"ping-1", b"ping-2"]
+    assert data[:4] == struct.pack(">BxH", 0, 1) and len(data) == 4 + 12 + 2048 * 1536 * 4
+    v.type("p")
+    demo_server.wait_for(lambda: demo_server.text() == "kp", what="session still healthy")
 
 
 def test_vnc_authentication_towards_the_backend(demo_server_factory, proxy_factory):
