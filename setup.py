@@ -11,6 +11,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["dmore_nova", "dmore_nova.*"]),
     include_package_data=True,
+    package_data={"dmore_nova.console": ["web/*.html"]},
     install_requires=[
         "oslo.config>=9",
         "oslo.log>=5",
@@ -29,6 +30,7 @@ setup(
             "dmore-rfb-demo = dmore_nova.rm_vm.rfb.__main__:main",
             "dmore-rm-agent = dmore_nova.cmd.rm_agent:main",
             "dmore-sim = dmore_nova.xen.sim.supervisor:main",
+            "dmore-console-proxy = dmore_nova.console.__main__:main",
         ],
         "oslo.config.opts": [
             "dmore_nova = dmore_nova.conf:list_opts",

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from oslo_config import cfg
 
-from dmore_nova.conf import agent, rfb
+from dmore_nova.conf import agent, console, rfb
 
 CONF = cfg.CONF
 
-_MODULES = (rfb, agent)
+_MODULES = (rfb, agent, console)
 
 for _m in _MODULES:
     _m.register_opts(CONF)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.integration.clients.fixtures import *  # noqa: F403 (real-client fixtures)
 from tests.integration.rfb_harness import DemoServerHandle
 
 

@@ -430,6 +430,13 @@ async def serve(guest: Guest, *, control_path: str | os.PathLike[str] | None = N
                 raise ControlError("domid must be a domain id")
             do_resume(host_dir, domid)
             return guest.status()
+        if op == "resize":  # what ``fbset -xres W -yres H`` does through xen-fbfront
+            w, h = req.get("width"), req.get("height")
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in (w, h)):
+                raise ControlError("width and height must be integers")
+            if guest.fb is None or not guest.fb.resize(w, h):
+                raise ControlError(f"mode {w}x{h} refused")
+            return guest.status()
         if op == "stop":
             stop.set()
             return {}
