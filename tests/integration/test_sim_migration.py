@@ -348,15 +348,28 @@ def test_log_dirty_sees_other_domains_writable_mappings(hosts):
         r.unmap()
         assert log_dirty_clean(xen0, g) == {kbd.frame}
         assert log_dirty_clean(xen0, g, final=True) == set()
-        # Writable foreign mappings: logged at map time, and in every final round after
-        # (the host never learns when they go).  More than one reply's worth: paged.
+        # Writable foreign mappings: logged at map and at unmap, and in the final round while
+        # they are mapped (privcmd_munmap / the mapper's exit ends them).  More than one
+        # reply's worth: paged.
         frames = list(range(100, 100 + 5000))
-        for i in range(0, len(frames), 4096):
-            xen0.map_foreign(g, frames[i:i + 4096], writable=True).unmap()
+        maps = [xen0.map_foreign(g, frames[i:i + 4096], writable=True)
+                for i in range(0, len(frames), 4096)]
         xen0.map_foreign(g, [7], writable=False).unmap()
         assert log_dirty_clean(xen0, g) == set(frames)
         assert log_dirty_clean(xen0, g) == set()
-        assert log_dirty_clean(xen0, g, final=True) == set(frames)
+        assert log_dirty_clean(xen0, g, final=True) == set(frames)  # still mapped writable
+        for m in maps:
+            m.unmap()
+        assert log_dirty_clean(xen0, g) == set(frames)
+        assert log_dirty_clean(xen0, g, final=True) == set()
+        other = a.xen(0)  # a mapper that exits without unmapping: its mappings end with it
+        other.map_foreign(g, [3, 4], writable=True)
+        assert log_dirty_clean(xen0, g, final=True) == {3, 4}
+        other.close()
+        wait(lambda: log_dirty_clean(xen0, g, final=True) == set(), what="released on exit")
+        with pytest.raises(XenError) as ei:
+            xen0.connection.call(hc.SimOp.privcmd_munmap, dom=g, frames=[3, 4])
+        assert ei.value.errno == errno.EINVAL  # no such mapping
         log_dirty_disable(xen0, g)
         with pytest.raises(XenError):
             log_dirty_clean(xen0, g)

@@ -332,8 +332,20 @@ class SimXen(api.Xen):
         _, fds = self._conn.call(SimOp.privcmd_mmapbatch, dom=domid, writable=int(writable),
                                  frames=frames)
         fd = _one_fd(fds)
+        release = None
+        if writable and domid != self._domid:
+            # The host counts writable foreign mappings (live migration's last round copies
+            # their frames): tell it when this one goes, as closing a privcmd VMA tells Xen.
+            def release() -> None:
+                if not self._conn.closed:
+                    self._conn.call(SimOp.privcmd_munmap, dom=domid, frames=frames)
+
         try:
-            return FrameMapping(fd, frames, writable)
+            return FrameMapping(fd, frames, writable, on_unmap=release)
+        except BaseException:
+            if release is not None:
+                release()
+            raise
         finally:
             os.close(fd)
 

@@ -75,6 +75,9 @@ SIM_MAX_EVTCHN_HANDLES_TOTAL = 2048
 ACCEPT_RETRY_DELAY = 0.5
 SIM_MAX_MAPTRACK = 4096
 """Grant mappings one (mapper) domain may hold at once (Xen's maptrack table)."""
+SIM_MAX_FOREIGN_WRITABLE_MAPS = 4096
+"""Writable foreign mappings one connection may hold at once (each is remembered until
+``privcmd_munmap`` or the connection's end)."""
 SIM_MAX_QUEUED_REQUESTS = 1024
 """Decoded requests a connection may have waiting (behind a domain creation, or a blocked
 reply); a client pipelining past this is dropped."""
@@ -126,9 +129,10 @@ class Domain:
     # mappings the host handed out, while logging is on (None: off).  The guest's own writes
     # are logged by its kernel, which the host cannot trap.
     log_dirty: set[int] | None = None
-    # Frames ever handed out writable to another domain by privcmd_mmapbatch: the host never
-    # learns when such a mapping goes, so the final log-dirty round always includes them.
-    foreign_writable: set[int] = field(default_factory=set)
+    # Frames other domains map writable through privcmd_mmapbatch right now (frame -> live
+    # mappings; released by privcmd_munmap or the mapper's connection closing, as Xen drops
+    # the page references when the privcmd VMA goes): the final log-dirty round includes them.
+    foreign_writable: collections.Counter[int] = field(default_factory=collections.Counter)
 
     @property
     def max_pages(self) -> int:
@@ -233,6 +237,7 @@ class HcConnection:
         self.out: collections.deque[tuple[bytes, list[int]]] = collections.deque()
         self.evtchn_handles: dict[int, EvtchnHandle] = {}
         self.grant_maps: dict[int, GrantMap] = {}
+        self.foreign_maps: list[tuple[int, tuple[int, ...]]] = []  # writable (domid, frames)
         self.closed = False
         self._next_handle = 1
         self._next_map = 1
@@ -423,6 +428,7 @@ class SimHost:
             SimOp.gnttab_end_foreign_access: self._op_end_foreign_access,
             SimOp.memory_map_own: self._op_memory_map_own,
             SimOp.privcmd_mmapbatch: self._op_mmapbatch,
+            SimOp.privcmd_munmap: self._op_munmap,
             SimOp.XEN_DOMCTL_createdomain: self._op_createdomain,
             SimOp.XEN_DOMCTL_destroydomain: self._op_destroydomain,
             SimOp.XEN_DOMCTL_pausedomain: self._op_pausedomain,
@@ -698,6 +704,9 @@ class SimHost:
         for mid in list(conn.grant_maps):
             with contextlib.suppress(XenError):
                 self._unmap(conn, mid)
+        for domid, frames in conn.foreign_maps:
+            self._release_foreign(domid, frames)
+        conn.foreign_maps.clear()
         conn.close()
         self.connections.discard(conn)
         conn.dom.connections.discard(conn)
@@ -873,10 +882,39 @@ class SimHost:
             raise _xerr(errno.EINVAL, f"dom{domid} has no frame {bad[0]:#x} "
                                       f"({target.max_pages} pages)")
         if a["writable"] and conn.domid != domid:
-            target.foreign_writable.update(frames)  # bounded by max_pages
+            if len(conn.foreign_maps) >= SIM_MAX_FOREIGN_WRITABLE_MAPS:
+                raise _xerr(errno.ENOMEM, f"{SIM_MAX_FOREIGN_WRITABLE_MAPS} writable foreign "
+                                          "mappings held already")
+            conn.foreign_maps.append((domid, tuple(frames)))
+            target.foreign_writable.update(frames)  # keys bounded by max_pages
             if target.log_dirty is not None:
                 target.log_dirty.update(frames)
         return {}, [target.memory.fd_for(bool(a["writable"]))]
+
+    def _op_munmap(self, conn: HcConnection, a: dict[str, Any]):
+        """The end of one writable foreign mapping (``privcmd_mmapbatch`` with the same domain
+        and frames).  Read-only mappings are not tracked, so need no unmap."""
+        key = (a["dom"], tuple(a["frames"]))
+        try:
+            conn.foreign_maps.remove(key)
+        except ValueError:
+            raise _xerr(errno.EINVAL, f"no writable mapping of those {len(key[1])} frames of "
+                                      f"dom{key[0]}") from None
+        self._release_foreign(*key)
+
+    def _release_foreign(self, domid: int, frames: tuple[int, ...]) -> None:
+        target = self.domains.get(domid)
+        if target is None:
+            return
+        fw = target.foreign_writable
+        for f in frames:
+            left = fw[f] - 1
+            if left > 0:
+                fw[f] = left
+            else:
+                fw.pop(f, None)
+        if target.log_dirty is not None:
+            target.log_dirty.update(frames)  # written through it until now: dirty at unmap
 
     # toolstack
     async def _op_createdomain(self, conn: HcConnection, a: dict[str, Any]):
@@ -919,8 +957,8 @@ class SimHost:
         """``XEN_DOMCTL_shadow_op``, log-dirty only (see :class:`Domain`).  CLEAN/PEEK page
         through the dirty set by ``start``; CLEAN forgets what it returned.  With
         ``XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL`` the frames other domains map writable right now
-        (grants) or ever did (foreign mappings) are included, as Xen adds the pages the
-        hypervisor maps writable in the last round."""
+        (grants and foreign mappings) are included, as Xen adds the pages the hypervisor maps
+        writable in the last round."""
         self._need_dom0(conn, "shadow_op")
         dom = self._live(a["domid"])
         op, mode = a["shadow_op"], a["mode"]
@@ -941,7 +979,7 @@ class SimHost:
             raise _xerr(errno.EINVAL, f"dom{dom.domid}: log-dirty not enabled")
         dirty = set(dom.log_dirty)
         if mode & hc.XEN_DOMCTL_SHADOW_LOGDIRTY_FINAL:
-            dirty |= dom.memory.grant_table.write_pinned_frames() | dom.foreign_writable
+            dirty |= dom.memory.grant_table.write_pinned_frames() | set(dom.foreign_writable)
         todo = sorted(f for f in dirty if f >= a["start"])
         frames = todo[:hc.SIM_MAX_ARRAY]
         nxt = frames[-1] + 1 if len(todo) > len(frames) else 0

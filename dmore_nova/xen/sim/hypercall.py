@@ -72,6 +72,7 @@ class SimOp(enum.IntEnum):
     # memory
     memory_map_own = 30           # the caller's own RAM, as fd (what a kernel simply has)
     privcmd_mmapbatch = 31        # xenforeignmemory_map: target's memory as fd
+    privcmd_munmap = 32           # xenforeignmemory_unmap of a writable mapping (VMA close)
     # toolstack (dom0 only, as XEN_DOMCTL_* are)
     XEN_DOMCTL_createdomain = 40
     XEN_DOMCTL_destroydomain = 41
@@ -136,6 +137,7 @@ SCHEMA: dict[SimOp, tuple[tuple[Field, ...], tuple[Field, ...], int]] = {
     SimOp.memory_map_own: ((), (("nr_pages", "u64"),), 1),
     SimOp.privcmd_mmapbatch: ((("dom", "u16"), ("writable", "u8"), ("frames", "u64[]")),
                               (), 1),
+    SimOp.privcmd_munmap: ((("dom", "u16"), ("frames", "u64[]")), (), 0),
     SimOp.XEN_DOMCTL_createdomain: ((("name", "str"), ("max_pages", "u64"),
                                      ("flags", "u32")),
                                     (("domid", "u16"),), 0),
