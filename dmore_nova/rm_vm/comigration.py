@@ -10,8 +10,8 @@ with its timing:
    and guest memory is pre-copied while the agent keeps serving;
 2. **guest switchover** -- input is frozen (held in order, bounded) and the agent waits until
    the guest consumed its vkbd ring (a resuming Linux frontend throws away what is left in its
-   old page); then stop-and-copy, the destination toolstack re-creates the devices, the guest
-   resumes there as the new domid (the commit point) and the source domain is released;
+   old page); then stop-and-copy, the destination toolstack re-creates the devices and the
+   guest resumes there as the new domid (the commit point);
 3. **RM re-home** -- the agent swaps its ``Xen`` to the destination (as the RM VM's new domid, or
    as dom0 there) and re-creates its vkbd/vfb backends for the new guest domid; its RFB server
    and viewer sockets stay (same process, as a migrating VM keeps its TCP connections);
@@ -20,6 +20,10 @@ with its timing:
 5. **replay** -- what was queued before and held during the switchover goes to the guest, in
    order, exactly once;
 6. **refresh** -- every viewer gets a full update of the re-mapped framebuffer.
+
+Then the source domains (the guest's, and the RM VM's) are released: their destruction is
+not on the path from the guest's resume to the viewers' refresh, so it waits until the console
+is back.
 
 **Failures.**  Before the guest's commit point everything is rolled back: the guest is told its
 suspend was cancelled and runs on the source, the destination domains go, and the agent, which
@@ -347,6 +351,7 @@ class CoMigration:
                 else:
                     await self._restart()
             else:
+                await self._release_sources()
                 p.finish(State.DONE)
         finally:
             await asyncio.to_thread(self._close)
@@ -397,10 +402,8 @@ class CoMigration:
         finally:
             if gm.committed:
                 self.protocol.commit_guest()
-        try:
-            await asyncio.to_thread(gm.release)
-        except Exception as exc:
-            self._warn(f"guest runs as dom{gm.new_domid}, but releasing the source failed: {exc}")
+        # The source domain is released once the console is back (_release_sources): its
+        # destruction is not on the path from the guest's resume to the viewers' refresh.
         return {"drain_ms": round((t_drained - self._t_freeze) * 1e3, 3),
                 "downtime_ms": round((gm.report.downtime or 0) * 1e3, 3),
                 "final_pages": gm.report.final.pages if gm.report.final else 0,
@@ -415,6 +418,19 @@ class CoMigration:
         await asyncio.to_thread(rm.switch_over)
         assert rm.new_domid is not None
         return await asyncio.to_thread(self.platform.open_xen, rm.new_domid)
+
+    async def _release_sources(self) -> None:
+        """After the refresh: destroy the guest's and the RM VM's source domains (``xl``
+        releases the source once the destination runs).  A failure is a warning: both run
+        on the destination already."""
+        gm = self.guest_mig
+        if gm is not None and gm.committed and not gm.released:
+            try:
+                await asyncio.to_thread(gm.release)
+            except Exception as exc:
+                self._warn(f"guest runs as dom{gm.new_domid}, but releasing the source failed: "
+                           f"{exc}")
+        await self._release_rm()
 
     async def _release_rm(self) -> None:
         if self.rm_mig is not None and self.rm_mig.committed and not self.rm_mig.released:
@@ -433,7 +449,6 @@ class CoMigration:
             await asyncio.to_thread(xen.close)
             raise
         self._abandoned.append(old)
-        await self._release_rm()
         return {"backend_domid": xen.domid, "queued": self.agent.queued_input,
                 "held": len(self.agent.held)}
 
