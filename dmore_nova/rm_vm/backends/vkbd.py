@@ -40,6 +40,8 @@ _BUTTONS = ((BUTTON_LEFT, keymap.BTN_LEFT), (BUTTON_MIDDLE, keymap.BTN_MIDDLE),
 
 class VkbdBackend(BackendDevice):
     kind = K.XENKBD_DRIVER_NAME  # "vkbd"
+    #: QEMU-type vkb (and the sim): backend/vkbd; libxl's ``backend-type=linux``: backend/vinput.
+    backend_kinds = ("vkbd", "vinput")
     connect_keys = ("page-gref", "page-ref", "event-channel")
 
     def __init__(self, xen: Xen, evtchns: EventChannels, fe_domid: int, devid: int, *,

@@ -65,6 +65,10 @@ class BackendDevice(abc.ABC):
     """
 
     kind: str = ""
+    #: Backend directory names a toolstack may use for this device, most usual first: libxl
+    #: puts a ``vkb`` with ``backend-type=linux`` under ``backend/vinput/`` (its frontend is
+    #: still ``device/vkbd/``).  Empty: ``(kind,)``.
+    backend_kinds: tuple[str, ...] = ()
     #: Frontend keys that identify one connection (ring reference, event channel).
     connect_keys: tuple[str, ...] = ("event-channel",)
 
@@ -74,7 +78,8 @@ class BackendDevice(abc.ABC):
         self.evtchns = evtchns
         self.fe_domid = fe_domid
         self.devid = devid
-        self.be_path = f"/local/domain/{xen.domid}/backend/{self.kind}/{fe_domid}/{devid}"
+        self.be_kind = self._find_backend_kind(xen.domid, fe_domid, devid)
+        self.be_path = f"/local/domain/{xen.domid}/backend/{self.be_kind}/{fe_domid}/{devid}"
         self.fe_path = ""
         self.state = XenbusState.Initialising
         self.fe_state = XenbusState.Unknown
@@ -86,6 +91,15 @@ class BackendDevice(abc.ABC):
         self._reconnects: deque[float] = deque(maxlen=FLAP_LIMIT)
         self.log = logging.LoggerAdapter(LOG, {})
         self.name = f"{self.kind}-{fe_domid}-{devid}"
+
+    def _find_backend_kind(self, be_domid: int, fe_domid: int, devid: int) -> str:
+        """The backend directory the toolstack created (our own, trusted: not the frontend's
+        guest-writable ``backend`` key); the first kind if none exists yet."""
+        kinds = self.backend_kinds or (self.kind,)
+        for kind in kinds:
+            if self.xs.directory(f"/local/domain/{be_domid}/backend/{kind}/{fe_domid}/{devid}"):
+                return kind
+        return kinds[0]
 
     # -- device-specific hooks -------------------------------------------------------------
     @abc.abstractmethod
