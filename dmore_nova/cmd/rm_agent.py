@@ -37,7 +37,7 @@ async def run(conf: cfg.ConfigOpts) -> None:
     xen = make_xen(conf)
     agent = RMAgent(xen, conf.agent.guest_domid, options_from_conf(conf.rfb),
                     devid=conf.agent.devid, width=conf.agent.width, height=conf.agent.height,
-                    videoram_mb=conf.agent.videoram_mb)
+                    videoram_mb=conf.agent.videoram_mb, plug_vfb=conf.agent.plug_vfb)
     port = await agent.start(conf.rfb.listen, conf.rfb.port)
     print(f"dmore-rm-agent: dom{conf.agent.guest_domid} console on {conf.rfb.listen}:{port}",
           flush=True)

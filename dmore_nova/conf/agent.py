@@ -20,6 +20,10 @@ OPTS = [
     cfg.IntOpt("width", default=800, min=64, max=4096,
                help="Mode offered to the guest (vfb width, vkbd pointer range)."),
     cfg.IntOpt("height", default=600, min=64, max=4096, help="See width."),
+    cfg.BoolOpt("plug_vfb", default=False,
+                help="Create the guest's vfb device in xenstore (as a toolstack would) and "
+                     "serve it. Needed on real Xen when the guest's vkb has "
+                     "backend-type=linux: libxl starts QEMU for any vfb in the xl config."),
     cfg.IntOpt("videoram_mb", default=16, min=1, max=64,
                help="Largest guest framebuffer accepted, in MiB (vfb 'videoram')."),
 ]

@@ -33,6 +33,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from dmore_nova.rm_vm.backends import vfb as vfb_mod
 from dmore_nova.rm_vm.backends.vfb import VfbBackend, VfbDisplay
 from dmore_nova.rm_vm.backends.vkbd import MAX_QUEUED, VkbdBackend
 from dmore_nova.rm_vm.backends.xenbus import BackendDevice, DeviceError
@@ -68,8 +69,12 @@ class InputState:
 class RMAgent:
     def __init__(self, xen: Xen, guest_domid: int, options: ServerOptions | None = None, *,
                  devid: int = 0, width: int = 800, height: int = 600,
-                 videoram_mb: int = 16) -> None:
+                 videoram_mb: int = 16, plug_vfb: bool = False) -> None:
         self.xen = xen
+        #: Create the guest's vfb device ourselves (a guest whose vkb has
+        #: ``backend-type=linux`` gets no vfb from libxl, see :func:`vfb_mod.plug`).
+        self.plug_vfb = plug_vfb
+        self._plugged: tuple[Xen, int] | None = None
         self.guest_domid = guest_domid
         self.devid = devid
         self.width, self.height, self.videoram_mb = width, height, videoram_mb
@@ -128,12 +133,29 @@ class RMAgent:
     async def start(self, host: str = "127.0.0.1", port: int = 5900) -> int:
         self._loop = asyncio.get_running_loop()
         self._activity = asyncio.Event()
+        if self.plug_vfb:
+            self._plug()
         self._wire()
         bound = await self.server.listen(host, port)
         self.listen_addr = (host, bound)
         LOG.info("agent: dom%d console on %s:%d (backend dom%d)", self.guest_domid, host,
                  bound, self.xen.domid)
         return bound
+
+    def _plug(self) -> None:
+        vfb_mod.plug(self.xen.xenstore, self.xen.domid, self.guest_domid, self.devid)
+        self._plugged = (self.xen, self.guest_domid)
+        LOG.info("agent: plugged vfb %d of dom%d", self.devid, self.guest_domid)
+
+    def _unplug(self) -> None:
+        if self._plugged is None:
+            return
+        xen, domid = self._plugged
+        self._plugged = None
+        try:
+            vfb_mod.unplug(xen.xenstore, xen.domid, domid, self.devid)
+        except (XenError, OSError) as exc:
+            LOG.info("agent: unplug vfb of dom%d: %s", domid, exc)
 
     def _wire(self) -> None:
         """Put the event-channel and watch fds on the loop and watch the device dirs (the
@@ -177,6 +199,8 @@ class RMAgent:
                     dev.disconnect()
             except (XenError, OSError) as exc:
                 LOG.info("agent: %s shutdown: %s", dev.name, exc)
+        if close_devices:
+            self._unplug()
         with contextlib.suppress(XenError, OSError):
             self.evtchns.close()
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from dmore_nova.rm_vm.backends.xenbus import BackendDevice, DeviceError, parse_uint
 from dmore_nova.rm_vm.rfb.display import DisplaySource, Rect
-from dmore_nova.xen.api import EventChannels, Mapping, Xen
+from dmore_nova.xen.api import EventChannels, Mapping, Transaction, Xen, XenStore
 from dmore_nova.xen.io import fbif as F
 from dmore_nova.xen.io.protocols import KNOWN_PROTOCOLS
 from dmore_nova.xen.io.ring import RingError
@@ -31,6 +31,46 @@ PAGE = 4096
 MAX_DIM = 4096            # largest width/height accepted from a guest
 MAX_VIDEORAM_MB = 64      # largest framebuffer we offer/accept
 SUPPORTED_DEPTHS = (16, 24, 32)
+
+
+def plug(xs: XenStore, be_domid: int, fe_domid: int, devid: int = 0) -> tuple[str, str]:
+    """Create the guest's vfb device nodes, as a toolstack would, with this domain as backend.
+
+    Why the backend plugs it: libxl starts QEMU for any PV ``vfb=[...]`` (a vfb has no
+    ``backend-type``), so a guest whose framebuffer the RM agent serves gets none from xl;
+    the agent creates ``device/vfb/<devid>`` itself.  Both directories are created with their
+    final permissions inside one transaction (frontend: guest owns, backend reads; backend: we
+    own, guest reads), so the guest never sees a node with its parent's permissions (seen on
+    Xen 4.17: writing the nodes first and chmod'ing after made the guest miss the device once
+    in two runs).  Any previous nodes at these paths are replaced.  Returns (frontend path,
+    backend path)."""
+    fe = f"/local/domain/{fe_domid}/device/vfb/{devid}"
+    be = f"/local/domain/{be_domid}/backend/vfb/{fe_domid}/{devid}"
+    initialising = "1"
+
+    def body(t: Transaction) -> None:
+        t.rm(fe)
+        t.rm(be)
+        t.mkdir(be)
+        t.set_perms(be, [f"n{be_domid}", f"r{fe_domid}"])
+        for k, v in (("frontend", fe), ("frontend-id", str(fe_domid)), ("online", "1"),
+                     ("state", initialising)):
+            t.write(f"{be}/{k}", v)
+        t.mkdir(fe)
+        t.set_perms(fe, [f"n{fe_domid}", f"r{be_domid}"])
+        for k, v in (("backend", be), ("backend-id", str(be_domid)), ("state", initialising)):
+            t.write(f"{fe}/{k}", v)
+
+    xs.run_transaction(body)
+    return fe, be
+
+
+def unplug(xs: XenStore, be_domid: int, fe_domid: int, devid: int = 0) -> None:
+    """Remove what :func:`plug` created (the frontend dir goes with its domain anyway)."""
+    xs.rm(f"/local/domain/{fe_domid}/device/vfb/{devid}")
+    xs.rm(f"/local/domain/{be_domid}/backend/vfb/{fe_domid}/{devid}")
+    if not xs.directory(f"/local/domain/{be_domid}/backend/vfb/{fe_domid}"):
+        xs.rm(f"/local/domain/{be_domid}/backend/vfb/{fe_domid}")
 
 
 class VfbDisplay(DisplaySource):
