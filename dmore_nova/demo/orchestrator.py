@@ -261,6 +261,9 @@ class Demo:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._migration_lock = asyncio.Lock()
         self._log_files: list[Any] = []
+        #: False until no other demo runs from the run dir: a refused start must not touch
+        #: the files of the demo that runs there.
+        self._owns_run_dir = False
 
     # -- addresses ----------------------------------------------------------------------------
     @property
@@ -311,7 +314,10 @@ class Demo:
         runtime.check_socket_path(self.run_dir / runtime.SIM_SUBDIR / max(o.hosts, key=len)
                                   / "dom32767" / "hypercall.sock")
         await asyncio.to_thread(runtime.clean_stale, self.run_dir, self.shm_dir)
+        self._owns_run_dir = True  # from here on, stop() cleans up the run dir
         self._write_state()
+        if o.proxy_port == 0:
+            o.proxy_port = runtime.pick_free_port(o.listen)
         runtime.check_port_free(o.listen, o.proxy_port, "console proxy")
         from dmore_nova.demo.api import ControlServer  # the API imports this module
         self.api = ControlServer(self, o.listen, o.port)  # binds now: a taken port fails early
@@ -715,7 +721,8 @@ class Demo:
             with contextlib.suppress(OSError):
                 f.close()
         self._log_files.clear()
-        await asyncio.to_thread(self._remove_files)
+        if self._owns_run_dir:
+            await asyncio.to_thread(self._remove_files)
         LOG.info("demo stopped")
 
     def _stop_guest_program(self, g: DemoGuest) -> None:

@@ -238,6 +238,15 @@ def check_port_free(host: str, port: int, what: str) -> None:
             raise DemoError(f"cannot listen on {host}:{port} ({what}): {exc.strerror}") from None
 
 
+def pick_free_port(host: str) -> int:
+    """A port nothing listens on right now (for a listener that must be told its port, as
+    the console proxy is through its configuration file)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def check_socket_path(path: Path) -> None:
     if len(os.fsencode(str(path))) > MAX_SOCKET_PATH:
         raise DemoError(f"{path} is too long for a Unix socket ({MAX_SOCKET_PATH} bytes at "
