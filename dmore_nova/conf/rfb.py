@@ -12,7 +12,9 @@ OPTS = [
     cfg.PortOpt("port", default=5900, help="TCP port of the RFB server."),
     cfg.StrOpt("password_file",
                help="File holding the VNC password (first line; at most 8 bytes are used, as in "
-                    "RFB VNC Authentication). When set, VNC Authentication is offered."),
+                    "RFB VNC Authentication) and optionally a view-only password (second line: "
+                    "viewers that give it see the screen but their input is ignored). When set, "
+                    "VNC Authentication is offered."),
     cfg.ListOpt("security_types", item_type=types.String(choices=[
                     "none", "vnc", "vencrypt-plain", "vencrypt-tlsnone", "vencrypt-x509none",
                     "vencrypt-x509vnc"]),

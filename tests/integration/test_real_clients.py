@@ -390,3 +390,18 @@ def test_vncsnapshot(demo_server_factory, encodings):
     got = vncsnapshot(server.host, server.port, password=PASSWORD, encodings=encodings)
     # vncsnapshot only writes JPEG (quality 100): near-exact, not exact.
     assert_same_image(got, server.framebuffer_rgb(), tolerance=8, mean_tolerance=0.5)
+
+
+def test_vncdotool_view_only_password_among_full_viewers(demo_server_factory, vncdotool_connect):
+    """Two passwords: a viewer with the view-only one sees the screen but its input is ignored,
+    while a viewer with the full password types on the same display."""
+    server = demo_server_factory(password="full-pw", view_only_password="look")
+    looker = vncdotool_connect(server.host, server.port, password="look")
+    typer = vncdotool_connect(server.host, server.port, password="full-pw")
+    looker.type("no")
+    looker.click(10, 10)
+    typer.type("yes")
+    server.wait_for(lambda: server.text() == "yes", what="the full viewer's keys")
+    assert [p for p in server.pointers()] == []
+    looker.wait_for_screen(server.framebuffer_rgb())
+    assert server.text() == "yes"

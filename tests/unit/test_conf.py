@@ -45,6 +45,18 @@ def test_password_file_turns_on_vnc_auth_and_drops_none(tmp_path):
     conf = _conf(tmp_path, f"[rfb]\npassword_file = {pw}\nsecurity_types = none,vnc\n")
     opts = options_from_conf(conf.rfb)
     assert opts.password == "s3cret" and opts.security_types == ["vnc"]
+    assert opts.view_only_password is None
+
+
+def test_second_password_line_is_view_only(tmp_path):
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret\nlook\n")
+    conf = _conf(tmp_path, f"[rfb]\npassword_file = {pw}\n")
+    opts = options_from_conf(conf.rfb)
+    assert (opts.password, opts.view_only_password) == ("s3cret", "look")
+    pw.write_text("s3cret\ns3cret\n")
+    with pytest.raises(ConfigError, match="equals"):
+        options_from_conf(conf.rfb)
 
 
 def test_empty_password_file_is_an_error(tmp_path):

@@ -939,3 +939,18 @@ def test_advertisements_precede_the_ext_key_ack_update() -> None:
     assert out[0] == C.MSG_END_OF_CONTINUOUS_UPDATES
     assert out[1] == C.MSG_SERVER_FENCE
     assert out[1 + 9] == C.MSG_FRAMEBUFFER_UPDATE
+
+
+def test_view_only_password_admits_a_view_only_viewer() -> None:
+    from dmore_nova.rm_vm.rfb.security import vnc_auth_response
+
+    for pw, view_only in ((b"full", False), (b"look", True)):
+        cfg = ServerConfig(security_types=[C.SEC_VNC_AUTH], password=b"full",
+                           view_only_password=b"look", randbytes=lambda n: b"\x07" * n)
+        conn = ServerConnection(cfg, width=64, height=48, name="t")
+        conn.receive_data(b"RFB 003.008\n")
+        conn.receive_data(bytes([C.SEC_VNC_AUTH]))
+        conn.data_to_send()
+        conn.receive_data(vnc_auth_response(pw, b"\x07" * 16))
+        assert conn.data_to_send() == b"\0\0\0\0"  # SecurityResult OK
+        assert conn.view_only is view_only

@@ -90,6 +90,8 @@ class ServerConfig:
     security_types: Sequence[int]
     vencrypt_subtypes: Sequence[int] = ()
     password: bytes | None = None
+    #: A second VNC password that admits a *view-only* viewer (TigerVNC's vncpasswd second line).
+    view_only_password: bytes | None = None
     plain_auth: Callable[[str, str], bool] | None = None
     tls_anon_context: ssl.SSLContext | None = None
     tls_x509_context: ssl.SSLContext | None = None
@@ -239,6 +241,8 @@ class ServerConnection:
         self.security_type: int | None = None
         self.vencrypt_subtype: int | None = None
         self.username: str | None = None
+        #: Authenticated with the view-only password: the transport must ignore its input.
+        self.view_only = False
         self.shared = False
         self.pixel_format: PixelFormat = NATIVE
         self.encodings: tuple[int, ...] = ()
@@ -618,7 +622,10 @@ class ServerConnection:
         response = self._take(C.VNC_AUTH_CHALLENGE_LEN)
         assert self.config.password is not None  # checked by ServerConfig.check
         if not vnc_auth_check(self.config.password, self._challenge, response):
-            self._auth_failed("VNC authentication failed (wrong password)")
+            vo = self.config.view_only_password
+            if vo is None or not vnc_auth_check(vo, self._challenge, response):
+                self._auth_failed("VNC authentication failed (wrong password)")
+            self.view_only = True
         self._security_result_ok()
         return True
 

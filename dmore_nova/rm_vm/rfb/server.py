@@ -64,6 +64,7 @@ class ConfigError(ValueError):
 class ServerOptions:
     security_types: list[str] = field(default_factory=lambda: ["none"])
     password: str | None = None
+    view_only_password: str | None = None  # VNC auth with it admits a view-only viewer
     plain_users: dict[str, str] | None = None
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
@@ -102,6 +103,8 @@ class ServerOptions:
             security_types=types,
             vencrypt_subtypes=subtypes,
             password=self.password.encode() if self.password else None,
+            view_only_password=(self.view_only_password.encode()
+                                if self.view_only_password else None),
             plain_auth=(lambda u, p: users.get(u) == p) if users else None,
             tls_anon_context=make_anon_tls_context() if C.VENCRYPT_TLSNONE in subtypes else None,
             tls_x509_context=x509,
@@ -232,6 +235,7 @@ class Viewer(asyncio.Protocol):
             case ev.ClientInit(shared=shared):
                 if self._handshake_timer:
                     self._handshake_timer.cancel()
+                self.view_only = self.view_only or self.conn.view_only
                 self._on_client_init(shared)
             case ev.SetEncodings():
                 self._on_set_encodings()
@@ -270,8 +274,8 @@ class Viewer(asyncio.Protocol):
                 if other is not self and other.conn and other.conn.state is ConnState.NORMAL:
                     other.close("another viewer asked for exclusive access", error=False)
         self.server.display.add_listener(self)
-        LOG.info("rfb %s: session started (security %s, user %s, shared %s)", self.peer,
-                 self.conn.security_type, self.conn.username, shared)
+        LOG.info("rfb %s: session started (security %s, user %s, shared %s, view-only %s)",
+                 self.peer, self.conn.security_type, self.conn.username, shared, self.view_only)
 
     def _on_set_encodings(self) -> None:
         assert self.conn is not None
@@ -451,13 +455,18 @@ class RFBServer:
         self._servers.clear()
 
 
-def read_password_file(path: str) -> str:
-    """First line of ``path``; VNC Authentication uses at most 8 bytes of it (rfbproto 7.2.2)."""
+def read_password_file(path: str) -> tuple[str, str | None]:
+    """``(password, view-only password or None)`` from the first two lines of ``path`` (the
+    convention of TigerVNC's passwd files).  VNC Authentication uses at most 8 bytes of each
+    (rfbproto 7.2.2)."""
     with open(path, encoding="utf-8") as f:
         password = f.readline().rstrip("\r\n")
+        view_only = f.readline().rstrip("\r\n") or None
     if not password:
         raise ConfigError(f"password file {path} is empty")
-    return password
+    if view_only is not None and view_only[:8] == password[:8]:
+        raise ConfigError(f"password file {path}: the view-only password equals the password")
+    return password, view_only
 
 
 def read_plain_users(path: str) -> dict[str, str]:
@@ -477,13 +486,15 @@ def read_plain_users(path: str) -> dict[str, str]:
 def options_from_conf(group) -> ServerOptions:
     """ServerOptions from the oslo.config [rfb] group. With a password, 'none' is dropped: a
     password that does not protect anything is a configuration mistake, not a choice."""
-    password = read_password_file(group.password_file) if group.password_file else None
+    password, view_only_password = (read_password_file(group.password_file)
+                                    if group.password_file else (None, None))
     types = [t for t in group.security_types
              if (t not in ("vnc", "vencrypt-x509vnc") or password)
              and (t != "none" or not password)]
     return ServerOptions(
         security_types=types,
         password=password,
+        view_only_password=view_only_password,
         plain_users=read_plain_users(group.plain_users_file) if group.plain_users_file else None,
         tls_cert_file=group.tls_cert_file,
         tls_key_file=group.tls_key_file,
