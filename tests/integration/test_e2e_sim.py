@@ -192,3 +192,17 @@ def test_novnc_types_into_the_guest_shell(stack, novnc_connect):
     keys = [(e["keycode"], e["pressed"]) for e in stack.events() if e["type"] == "key"]
     assert keys[10:14] == [(KC["KEY_LEFTSHIFT"], True), (KC["KEY_H"], True),
                            (KC["KEY_H"], False), (KC["KEY_LEFTSHIFT"], False)]
+
+
+@pytest.mark.browser
+def test_novnc_pointer_and_guest_resize(stack, novnc_connect):
+    viewer = novnc_connect("127.0.0.1", stack.port)
+    client_shows_guest(viewer.pixels, stack, (600, 800))
+    viewer.click(320, 240)
+    wait_for(lambda: [e for e in stack.events() if e["type"] == "key"], what="the click")
+    pos = [(e["abs_x"], e["abs_y"]) for e in stack.events() if e["type"] == "pos"]
+    assert pos[-1] == (320, 240)
+    btn = [(e["keycode"], e["pressed"]) for e in stack.events() if e["type"] == "key"]
+    assert btn == [(keymap.BTN_LEFT, True), (keymap.BTN_LEFT, False)]
+    stack.ctl.request("resize", width=640, height=400)
+    client_shows_guest(viewer.pixels, stack, (400, 640))
