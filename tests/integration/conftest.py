@@ -6,6 +6,7 @@ import pytest
 
 from tests.integration.clients.fixtures import *  # noqa: F403 (real-client fixtures)
 from tests.integration.rfb_harness import DemoServerHandle
+from tests.integration.simhosts import sim_supervisor
 
 
 @pytest.fixture
@@ -25,3 +26,10 @@ def demo_server_factory():
 @pytest.fixture
 def demo_server(demo_server_factory) -> DemoServerHandle:
     return demo_server_factory()
+
+
+@pytest.fixture
+def sim_sup():
+    """A private sim supervisor; every host it starts is stopped and its files removed."""
+    with sim_supervisor() as sup:
+        yield sup

@@ -15,24 +15,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import shutil
 import struct
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
-from dmore_nova.xen.api import XenError
 from dmore_nova.xen.sim import devices
 from dmore_nova.xen.sim.guest import Guest
 from dmore_nova.xen.sim.kernel import SimKernel
 from dmore_nova.xen.sim.memory import PAGE_SIZE
-from dmore_nova.xen.sim.supervisor import Supervisor
 from tests.integration.rawclient import RawClient
 from tests.integration.rfb_harness import LoopThread
+from tests.integration.simhosts import TestSupervisor
 
 SCRIBBLE_PAGES = 64
 SCRIBBLE_PERIOD = 0.002
@@ -42,18 +38,12 @@ class Hosts:
     """Two sim hosts, ``a`` (source) and ``b`` (destination), started by the supervisor."""
 
     def __init__(self) -> None:
-        self.base = tempfile.mkdtemp(prefix="dmig", dir="/tmp")
-        self.shm = f"/dev/shm/dmig-{os.getpid()}-{os.path.basename(self.base)}"
-        self.sup = Supervisor(self.base, self.shm)
+        self.sup = TestSupervisor("dmig")
         self.a = self.sup.start_host("a")
         self.b = self.sup.start_host("b")
 
     def close(self) -> None:
-        for name in ("a", "b"):
-            with contextlib.suppress(XenError):
-                self.sup.stop_host(name)
-        shutil.rmtree(self.base, ignore_errors=True)
-        shutil.rmtree(self.shm, ignore_errors=True)
+        self.sup.cleanup()
 
 
 def create_guest(host, *, pages: int = 2048, backend: int = 0, name: str = "guest",

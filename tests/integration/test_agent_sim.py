@@ -3,21 +3,16 @@ viewers, resume (fresh connect), ring-full queueing, and hostile frontends."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import time
 
 import numpy as np
 import pytest
 
 from dmore_nova.rm_vm.agent import RMAgent
-from dmore_nova.xen.api import XenError
 from dmore_nova.xen.io import fbif as F
 from dmore_nova.xen.io import kbdif as K
 from dmore_nova.xen.io import keymap
 from dmore_nova.xen.io.xenbus import XenbusState
-from dmore_nova.xen.sim.supervisor import Supervisor
 from tests.integration.manual_frontend import ManualFb, ManualKbd, plug
 from tests.integration.rawclient import RawClient
 from tests.integration.rfb_harness import LoopThread
@@ -26,18 +21,8 @@ KC = keymap.LINUX_KEYCODES
 
 
 @pytest.fixture
-def host():
-    base = tempfile.mkdtemp(prefix="dag", dir="/tmp")
-    shm = f"/dev/shm/dag-{os.getpid()}-{os.path.basename(base)}"
-    sup = Supervisor(base, shm)
-    h = sup.start_host("h")
-    yield h
-    try:
-        sup.stop_host("h")
-    except XenError:
-        pass
-    shutil.rmtree(base, ignore_errors=True)
-    shutil.rmtree(shm, ignore_errors=True)
+def host(sim_sup):
+    return sim_sup.start_host("h")
 
 
 class Rig:

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,8 +25,8 @@ from dmore_nova.xen.io import keymap
 from dmore_nova.xen.sim import devices
 from dmore_nova.xen.sim.guest.control import GuestControl
 from dmore_nova.xen.sim.guest.font import find_text
-from dmore_nova.xen.sim.supervisor import Supervisor
 from tests.integration.rfb_harness import LoopThread, rgb
+from tests.integration.simhosts import TestSupervisor
 
 REPO = Path(__file__).resolve().parents[2]
 KC = keymap.LINUX_KEYCODES
@@ -49,9 +47,7 @@ def wait_for(pred, timeout: float = 10.0, what: str = ""):
 
 class Stack:
     def __init__(self, tmp: Path) -> None:
-        self.base = tempfile.mkdtemp(prefix="de2e", dir="/tmp")
-        self.shm = f"/dev/shm/de2e-{os.getpid()}-{os.path.basename(self.base)}"
-        self.sup = Supervisor(self.base, self.shm)
+        self.sup = TestSupervisor("de2e")
         self.host = self.sup.start_host("a")
         with self.host.toolstack() as ts:
             self.guest = ts.create_domain("guest", GUEST_PAGES)
@@ -100,12 +96,7 @@ class Stack:
         self.lt.run(self.agent.stop())
         self.lt.stop()
         self.xen0.close()
-        try:
-            self.sup.stop_host("a")
-        except XenError:
-            pass
-        shutil.rmtree(self.base, ignore_errors=True)
-        shutil.rmtree(self.shm, ignore_errors=True)
+        self.sup.cleanup()
 
 
 @pytest.fixture

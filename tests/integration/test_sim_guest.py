@@ -10,12 +10,10 @@ import errno
 import json
 import os
 import queue
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -35,7 +33,6 @@ from dmore_nova.xen.sim.client import SimXen
 from dmore_nova.xen.sim.guest import Guest
 from dmore_nova.xen.sim.guest.console import DEFAULT_BG
 from dmore_nova.xen.sim.guest.font import CELL_H, CELL_W, find_text
-from dmore_nova.xen.sim.supervisor import Supervisor
 
 REPO = Path(__file__).resolve().parents[2]
 GUEST_PAGES = 2048          # 8 MiB: 2 MiB of video memory twice over, and some
@@ -214,18 +211,8 @@ class MiniVfb:
 
 # --- fixtures -------------------------------------------------------------------------------
 @pytest.fixture
-def sup():
-    base = tempfile.mkdtemp(prefix="dsg", dir="/tmp")
-    shm = f"/dev/shm/dsg-{os.getpid()}-{os.path.basename(base)}"
-    sup = Supervisor(base, shm)
-    yield sup
-    for x in sup.list_hosts():
-        try:
-            sup.stop_host(x.name)
-        except XenError:
-            pass
-    shutil.rmtree(base, ignore_errors=True)
-    shutil.rmtree(shm, ignore_errors=True)
+def sup(sim_sup):
+    return sim_sup
 
 
 @pytest.fixture

@@ -10,11 +10,9 @@ import fcntl
 import json
 import os
 import select
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -40,19 +38,8 @@ def _readable(fd_owner, timeout: float = 5.0) -> bool:
 
 
 @pytest.fixture
-def sup():
-    # Short paths: unix socket names are limited to 107 bytes.
-    base = tempfile.mkdtemp(prefix="dsim", dir="/tmp")
-    shm = f"/dev/shm/dsim-test-{os.getpid()}-{os.path.basename(base)}"
-    s = Supervisor(base, shm)
-    yield s
-    for h in s.list_hosts():
-        try:
-            s.stop_host(h.name)
-        except XenError:
-            pass
-    shutil.rmtree(base, ignore_errors=True)
-    shutil.rmtree(shm, ignore_errors=True)
+def sup(sim_sup):
+    return sim_sup
 
 
 @pytest.fixture
