@@ -711,6 +711,10 @@ class Demo:
                 await asyncio.to_thread(self.sup.stop_host, name)
             except XenError as exc:
                 LOG.warning("stopping sim host %s: %s", name, exc)
+        if self._owns_run_dir:  # a host whose start was under way when start-up failed
+            for h in await asyncio.to_thread(self.sup.list_hosts):
+                with contextlib.suppress(XenError):
+                    await asyncio.to_thread(self.sup.stop_host, h.name)
         for p in (self.proxy, *(g.proc for g in self.guests.values())):
             if p is not None:
                 with contextlib.suppress(Exception):
@@ -801,8 +805,10 @@ async def run(options: DemoOptions, *, announce=print) -> int:
     try:
         done, _ = await asyncio.wait({start, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if start not in done:
-            start.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
+            # Not cancelled: a half-made step (a host process being spawned in a thread)
+            # would escape the clean-up.  Every start-up step is bounded by a timeout.
+            announce("dmore-nova demo: stopping once start-up is through ...")
+            with contextlib.suppress(Exception):
                 await start
             await demo.stop()
             return 130

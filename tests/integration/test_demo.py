@@ -19,17 +19,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from dmore_nova.demo.runtime import process_starttime
+from dmore_nova.demo.runtime import process_starttime, read_state
 from tests.integration.clients import JS_ROOT, stop_process
 from tests.integration.demo_harness import REPO, DemoProcess, expected_events, wait_for
 
@@ -346,3 +348,35 @@ def test_control_api_and_cli_refusals(tmp_path):
                         str(deep), "--port", "0", "--proxy-port", "0"], capture_output=True,
                        text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert r.returncode == 1 and "too long for a Unix socket" in r.stderr
+
+
+def test_ctrl_c_during_start_up_leaves_nothing(tmp_path):
+    """SIGINT while the hosts are coming up: start-up finishes its step, then everything
+    stops (exit 130); no process or memory file is left."""
+    run_dir = Path(tempfile.mkdtemp(prefix="dd", dir="/tmp"))
+    shm_dir = Path(f"/dev/shm/dd-{os.getpid()}-{run_dir.name}")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dmore_nova.cmd.dmore_nova", "demo", "--run-dir", str(run_dir),
+         "--shm-dir", str(shm_dir), "--port", "0", "--proxy-port", "0", "--rfb-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
+    pids: set[int] = set()
+    try:
+        def hosts_up() -> bool:
+            doc = read_state(run_dir) or {}
+            pids.update(int(h["pid"]) for h in (doc.get("hosts") or {}).values())
+            return len(pids) >= 1
+        wait_for(hosts_up, 30, "a sim host to be up")
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode in (130, 0), out  # 0: it was ready by the time SIGINT came
+        assert "stopping" in out
+        doc = read_state(run_dir) or {}
+        assert doc == {}, doc  # the state file went with everything else
+        assert not any(alive(p) for p in pids), pids
+        assert not shm_dir.exists()
+        assert sorted(p.name for p in run_dir.iterdir()) == ["logs"]
+    finally:
+        stop_process(proc)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(shm_dir, ignore_errors=True)
