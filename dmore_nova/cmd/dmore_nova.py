@@ -144,7 +144,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         options.check()
         _setup_logging(options.run_dir, args.verbose)
         return asyncio.run(run(options, announce=lambda text: print(text, flush=True)))
-    except DemoError as exc:
+    except (DemoError, OSError) as exc:  # OSError: XenError from a sim host, a socket
         print(f"{PROG} demo: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C before the signal handlers were installed

@@ -37,6 +37,7 @@ import errno
 import json
 import logging
 import os
+import re
 import secrets
 import select
 import shlex
@@ -85,6 +86,8 @@ PROXY_READY_TIMEOUT = 30.0
 MIGRATION_TIMEOUT = 120.0
 #: After a migration, how long to wait for every viewer's first update (the blackout's end).
 FIRST_UPDATE_WAIT = 1.0
+#: Host and guest names: what the sim accepts for hosts (and fits file names and URLs).
+_HOST_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,31}")
 #: Migrations remembered for the status.
 HISTORY = 50
 #: Longest key log tail read at once while counting (the log is append-only).
@@ -114,6 +117,9 @@ class DemoOptions:
     def check(self) -> None:
         if len(self.hosts) < 2 or len(set(self.hosts)) != len(self.hosts):
             raise DemoError("the demo needs at least two sim hosts with distinct names")
+        for name in self.hosts:
+            if not _HOST_NAME_RE.fullmatch(name):
+                raise DemoError(f"bad host name {name!r} (letters, digits, _ . -; at most 32)")
         if self.rm not in ("vm", "dom0"):
             raise DemoError(f"rm must be 'vm' or 'dom0', not {self.rm!r}")
         if not 8 <= self.guest_memory_mb <= 4096:
@@ -124,8 +130,9 @@ class DemoOptions:
                 raise DemoError(f"{name} {port} out of range")
         if self.port and self.port == self.proxy_port:
             raise DemoError("the page and the console proxy need different ports")
-        if not self.guest_name or not all(c.isalnum() or c in "-_." for c in self.guest_name):
-            raise DemoError(f"bad guest name {self.guest_name!r} (letters, digits, - _ .)")
+        if not _HOST_NAME_RE.fullmatch(self.guest_name):
+            raise DemoError(f"bad guest name {self.guest_name!r} (letters, digits, _ . -; at "
+                            "most 32)")
 
 
 def parse_fail_at(text: str) -> tuple[State, str]:
