@@ -195,6 +195,13 @@ class BackendDevice(abc.ABC):
             self.write_features()
             self.be_write("hotplug-status", "connected")
             self.set_state(XenbusState.InitWait)
+        elif self.state is not XenbusState.Closed and self.be_read("online") == b"0":
+            # The toolstack removes the device: libxl writes online=0 and state=Closing into
+            # our dir and waits (10 s) for Closed before it deletes the nodes
+            # (libxl__initiate_device_generic_remove; on timeout "unable to remove device").
+            self.disconnect()
+            self.set_state(XenbusState.Closed)
+            return
 
         if fe_state in (XenbusState.Closing, XenbusState.Closed, XenbusState.Unknown):
             if self.state in (XenbusState.Connected, XenbusState.InitWait):
