@@ -147,6 +147,22 @@ class RMAgent:
         self._plugged = (self.xen, self.guest_domid)
         LOG.info("agent: plugged vfb %d of dom%d", self.devid, self.guest_domid)
 
+    def _replug(self) -> None:
+        """Re-home with ``plug_vfb``: drop the old guest's vfb nodes (no toolstack knows them)
+        and make sure the new guest has one.  The nodes are best created *before* the guest
+        resumes (a follower of the migration does it: :func:`vfb_mod.plug` for the incoming
+        domain), because a resumed xen-fbfront re-reads ``device/vfb/<devid>/backend`` and
+        reconnects; plugged after the resume, the guest keeps its stale vfb device and does
+        not probe the new node (seen on Xen 4.17)."""
+        self._unplug()  # with the Xen it was plugged through (``old_xen``'s host)
+        be = f"/local/domain/{self.xen.domid}/backend/vfb/{self.guest_domid}/{self.devid}"
+        if self.xen.xenstore.read(f"{be}/frontend") is not None:
+            self._plugged = (self.xen, self.guest_domid)
+            return
+        LOG.warning("agent: vfb of dom%d plugged after its resume: the guest may not probe it",
+                    self.guest_domid)
+        self._plug()
+
     def _unplug(self) -> None:
         if self._plugged is None:
             return
@@ -362,6 +378,8 @@ class RMAgent:
             self._carried_queue = queue
         else:
             self.vkbd.queue.extendleft(reversed(queue))
+        if self.plug_vfb:
+            self._replug()
         self.devices_held = False  # the new devices are live: they must re-map and re-bind
         self.rehomes += 1
         self._wire()
