@@ -11,7 +11,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["dmore_nova", "dmore_nova.*"]),
     include_package_data=True,
-    package_data={"dmore_nova.console": ["web/*.html"]},
+    package_data={"dmore_nova.console": ["web/*.html"], "dmore_nova.demo": ["web/*"]},
     install_requires=[
         "oslo.config>=9",
         "oslo.log>=5",
@@ -27,6 +27,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
+            "dmore-nova = dmore_nova.cmd.dmore_nova:main",
             "dmore-rfb-demo = dmore_nova.rm_vm.rfb.__main__:main",
             "dmore-rm-agent = dmore_nova.cmd.rm_agent:main",
             "dmore-sim = dmore_nova.xen.sim.supervisor:main",

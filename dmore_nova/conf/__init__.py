@@ -8,11 +8,11 @@ from __future__ import annotations
 
 from oslo_config import cfg
 
-from dmore_nova.conf import agent, console, rfb
+from dmore_nova.conf import agent, console, demo, rfb
 
 CONF = cfg.CONF
 
-_MODULES = (rfb, agent, console)
+_MODULES = (rfb, agent, console, demo)
 
 for _m in _MODULES:
     _m.register_opts(CONF)
