@@ -6,6 +6,7 @@ Everything runs through ``XenBox.sh`` (bash in dom0 over the serial console, out
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable
@@ -16,6 +17,7 @@ from tests.xen.screen import TextScreen, screens_in_log
 
 GUEST = "guest"
 GUEST_LOG = f"/var/log/xen/console/guest-{GUEST}.log"
+GUEST_LOG_INCOMING = f"/var/log/xen/console/guest-{GUEST}--incoming.log"
 
 
 def wait_for(pred: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
@@ -56,7 +58,10 @@ class ServedGuest:
         return out
 
     def console_log(self) -> str:
-        return self.sh(f"cat {GUEST_LOG}", check=False).output
+        """The guest's hvc0 as xenconsoled logged it.  After ``xl migrate`` the rest is in
+        ``guest-<name>--incoming.log``: xenconsoled names the file when it attaches, and the
+        incoming domain is renamed only once it runs."""
+        return self.sh(f"cat {GUEST_LOG} {GUEST_LOG_INCOMING} 2>/dev/null", check=False).output
 
     def screens(self) -> list[TextScreen]:
         return screens_in_log(self.console_log())
@@ -64,6 +69,10 @@ class ServedGuest:
     def agent_log(self) -> str:
         p = self.box.box_dir / "agent.out"
         return p.read_text(errors="replace") if p.exists() else ""
+
+    def status(self) -> dict:
+        """The follower's status JSON (tests.xen.follow_agent)."""
+        return json.loads((self.box.box_dir / "status.json").read_text())
 
     def agent_running(self) -> bool:
         return self.sh("kill -0 $(cat /mnt/box/agent.pid)", check=False).rc == 0
@@ -74,13 +83,19 @@ class ServedGuest:
                        " | grep -v grep", check=False).output.strip()
 
 
-def start_served_guest(box: Any, *, width: int = 800, height: int = 600) -> ServedGuest:
+AGENT = "dmore_nova.cmd.rm_agent"
+FOLLOWER = "tests.xen.follow_agent"
+
+
+def start_served_guest(box: Any, *, width: int = 800, height: int = 600,
+                       follow_migration: bool = False) -> ServedGuest:
     """``xl create -p`` the guest, start ``dmore-rm-agent`` (xen=real, plug_vfb) for its domid,
     then unpause it: the agent's backends are in InitWait with their features before the
     guest's frontends probe (xen-kbdfront reads ``feature-abs-pointer`` only at probe), and
-    the guest does not wait 30 s at boot for an unserved device."""
-    box.sh(f"xl destroy {GUEST} 2>/dev/null; rm -f {GUEST_LOG}; pkill -f dmore_nova.cmd.rm_agent;"
-           " true")
+    the guest does not wait 30 s at boot for an unserved device.  ``follow_migration``: the
+    same agent inside :mod:`tests.xen.follow_agent`, which follows ``xl migrate``."""
+    box.sh("[ -e /mnt/box/agent.pid ] && kill $(cat /mnt/box/agent.pid) 2>/dev/null;"
+           f" xl destroy {GUEST} 2>/dev/null; rm -f {GUEST_LOG} {GUEST_LOG_INCOMING}; true")
     box.sh(f"xl create -p /root/domU/{GUEST}-rm.cfg", 180)
     domid = int(box.sh(f"xl domid {GUEST}").output.strip())
     (box.box_dir / "agent.conf").write_text(
@@ -88,8 +103,12 @@ def start_served_guest(box: Any, *, width: int = 800, height: int = 600) -> Serv
         f"guest_domid = {domid}\nplug_vfb = true\nwidth = {width}\nheight = {height}\n"
         "[rfb]\nlisten = 0.0.0.0\nport = 5900\n")
     (box.box_dir / "agent.out").write_text("")
-    box.sh("cd /mnt/src && PYTHONPATH=/mnt/src PYTHONDONTWRITEBYTECODE=1 setsid nohup"
-           " python3 -m dmore_nova.cmd.rm_agent --config-file /mnt/box/agent.conf"
+    # A simple command in the background, so that $! is the agent's own pid (a compound
+    # command would be a subshell, and SIGTERM would not reach the agent).
+    program = (f"{FOLLOWER} --guest-name {GUEST} --status /mnt/box/status.json"
+               if follow_migration else AGENT)
+    box.sh("cd /mnt/src; PYTHONPATH=/mnt/src PYTHONDONTWRITEBYTECODE=1 nohup"
+           f" python3 -m {program} --config-file /mnt/box/agent.conf"
            " >>/mnt/box/agent.out 2>&1 </dev/null & echo $! >/mnt/box/agent.pid")
     g = ServedGuest(box, domid, box.ports[5900])
     try:
