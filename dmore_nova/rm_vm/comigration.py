@@ -48,6 +48,7 @@ import asyncio
 import contextlib
 import enum
 import logging
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -62,6 +63,11 @@ DRAIN_TIMEOUT = 2.0
 """Seconds the guest gets to consume its vkbd ring once input is frozen (else: rollback)."""
 CONNECT_TIMEOUT = 5.0
 """Seconds the re-created backends get to re-map and re-bind (else: restart)."""
+VIEWER_DRAIN_TIMEOUT = 0.5
+"""Seconds a restart waits for the old agent's viewers to close their half-closed connections
+(the input they sent until then is carried to the new agent)."""
+VIEWER_DRAIN_POLL = 0.005
+"""Check interval of that bounded wait (a viewer's close wakes nothing the agent waits on)."""
 REPLAY_TIMEOUT = 2.0
 """Seconds to wait for replayed input to be in the ring (a slow guest is not a failure: the
 rest stays queued and goes out as it consumes)."""
@@ -507,6 +513,7 @@ class CoMigration:
             except Exception as exc:
                 self._warn(f"releasing the guest's source domain failed: {exc}")
         old = self.agent
+        await self._drain_viewers(old)
         state = old.export_input()
         try:
             await old.stop(close_devices=False)
@@ -535,6 +542,33 @@ class CoMigration:
         LOG.info("co-migration: new agent for dom%d at the destination on %s",
                  gm.new_domid, new.listen_addr)
         self.protocol.finish(State.RESTARTED)
+
+    async def _drain_viewers(self, agent: RMAgent) -> None:
+        """Before the old agent closes its viewers: stop listening, half-close each connection
+        (FIN, no more output) and keep reading until the viewer closes its side, at most
+        :data:`VIEWER_DRAIN_TIMEOUT` seconds.  Input a viewer (or the console proxy) sent before
+        it saw the FIN is then read and held -- handed to the new agent, not lost in a socket
+        buffer.  The proxy closes its side at once when its backend ends, so this is quick."""
+        # First no new connection: the proxy re-attaches at once when its connection ends,
+        # and must find nothing listening until the new agent does.
+        agent.server.stop_listening()
+        viewers = [v for v in agent.server.viewers
+                   if not v.closed and getattr(v, "transport", None) is not None]
+        for v in viewers:
+            v.paused = True  # no update on a connection whose write side is shut
+            sock = v.transport.get_extra_info("socket")
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except (OSError, AttributeError) as exc:
+                LOG.info("co-migration: half-closing viewer %s: %s", v.peer, exc)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + VIEWER_DRAIN_TIMEOUT
+        while any(not v.closed for v in viewers) and loop.time() < deadline:
+            await asyncio.sleep(VIEWER_DRAIN_POLL)
+        left = sum(1 for v in viewers if not v.closed)
+        if left:
+            self._warn(f"{left} viewer(s) did not close within {VIEWER_DRAIN_TIMEOUT}s of the "
+                       "agent's restart; input they sent after that is lost")
 
     # -- teardown / report -----------------------------------------------------------------------
     def _close(self) -> None:

@@ -446,6 +446,12 @@ class RFBServer:
                  ",".join(self.options.security_types))
         return bound
 
+    def stop_listening(self) -> None:
+        """Accept no more connections; the viewers already connected stay (an agent being
+        replaced reads what they sent before it closes them)."""
+        for srv in self._servers:
+            srv.close()
+
     async def close(self) -> None:
         for viewer in list(self.viewers):
             viewer.close("server shutting down", error=False)
