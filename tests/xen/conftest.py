@@ -51,8 +51,8 @@ def opted_in() -> bool:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     here = Path(__file__).parent
     for item in items:
-        if Path(str(item.fspath)).parent == here and "xenbox" in getattr(item, "fixturenames",
-                                                                          ()):
+        if Path(str(item.fspath)).parent == here and (
+                "xenbox" in getattr(item, "fixturenames", ()) or "[xen]" in item.nodeid):
             item.add_marker(pytest.mark.xen)
 
 
