@@ -19,7 +19,12 @@ from types import ModuleType
 
 import pytest
 
-from tests.integration.clients.fixtures import vncdotool_connect, vncdotool_reactor  # noqa: F401
+from tests.integration.clients.fixtures import (  # noqa: F401 (fixtures)
+    novnc_browser,
+    novnc_connect,
+    vncdotool_connect,
+    vncdotool_reactor,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SWITCH = "DMORE_XENBOX"

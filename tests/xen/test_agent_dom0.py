@@ -9,6 +9,7 @@ see in its own picture of the guest's framebuffer.
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -110,3 +111,34 @@ def test_vncdotool_types_into_the_guest_shell_and_sees_the_output(served: Served
     # Every key arrived once: the typed command line is exactly what the shell echoed.
     assert sum(line.count(COMMAND) for line in text) == 1
     assert GUEST in served.sh("xl list").output
+
+
+@pytest.mark.browser
+def test_novnc_in_chromium_types_into_the_guest_shell(served: ServedGuest, novnc_connect,
+                                                      xenbox):
+    viewer = novnc_connect("127.0.0.1", served.rfb_port, width=800, height=600, timeout=60)
+    assert viewer.connected, viewer.failure
+    last_screen(served, lambda s: s.lines[s.cursor[0]].rstrip() == "guest#")
+    # Real key presses through noVNC (QEMU extended key events: scancodes): '>' is typed as
+    # Shift + '.', as a person types it.  Digits only in the results, so match whole lines.
+    viewer.type("expr 50000 - 4567 ")
+    viewer.press("Shift+Period")
+    viewer.type("/dev/hvc0; expr 9000 - 1234")
+    viewer.press("Enter")
+    wait_for(lambda: re.search(r"(?m)^45433\r?$", served.console_log()), 90,
+             "45433 on hvc0 in dom0")
+    screen = last_screen(served, lambda s: "7766" in [line.rstrip() for line in s.lines]
+                         and s.lines[s.cursor[0]].rstrip() == "guest#")
+    text = [line.rstrip() for line in screen.lines]
+    assert "guest# expr 50000 - 4567 >/dev/hvc0; expr 9000 - 1234" in text
+    last: list[np.ndarray] = []
+
+    def browser_shows_it():
+        last[:] = [viewer.pixels()]
+        return not picture_problems(last[0], screen)
+    try:
+        wait_for(browser_shows_it, 60, "noVNC's canvas to match the guest's screen", 1.0)
+    finally:
+        if last:
+            Image.fromarray(last[0]).save(Path(xenbox.run_dir) / "novnc-after-command.png")
+    assert picture_problems(last[0], screen) == []
