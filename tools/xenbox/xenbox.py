@@ -64,6 +64,9 @@ HOST_PACKAGES = ("qemu-system-x86", "debootstrap", "e2fsprogs", "cpio", "busybox
 BOOT_TIMEOUT = 300.0      # measured 37-63 s to the dom0 root shell
 COMMAND_TIMEOUT = 120.0
 
+#: Per-run directories kept in the cache (older ones are deleted when a box starts).
+KEEP_RUNS = 5
+
 PROMPT = b"root@xenbox-dom0:~#"
 BOOT_FAILURES = (b"Dom0 crashed", b"Kernel panic", b"KVM internal error", b"Panic on CPU",
                  b"(XEN) ****************")
@@ -307,6 +310,10 @@ class XenBox:
         ]
 
     def start(self, timeout: float = BOOT_TIMEOUT) -> XenBox:
+        # per-run dirs (serial/agent logs, screenshots) of earlier runs: keep the last few
+        runs = sorted(self.run_dir.parent.glob("run-*"), key=lambda p: p.stat().st_mtime)
+        for old in runs[:-KEEP_RUNS]:
+            shutil.rmtree(old, ignore_errors=True)
         self.box_dir.mkdir(parents=True, exist_ok=True)
         sock_path = self.run_dir / "serial.sock"
         if sock_path.exists():
