@@ -274,6 +274,8 @@ def run_migrations(demo: Demo, n: int, rate: float) -> dict:
                 "server_blackout_ms": rec["console_blackout_ms"],
                 "downtime_ms": rec["guest_downtime_ms"],
                 "remap_rebind_ms": (rec["rehome_ms"] or 0) + (rec["remap_rebind_ms"] or 0),
+                "rehome_ms": rec["rehome_ms"], "remap_ms": rec["remap_rebind_ms"],
+                "replay_ms": rec["steps_ms"].get("replay"),
                 "total_ms": rec["total_ms"], "prepare_ms": rec["steps_ms"].get("prepare"),
                 "pages_sent": rec["precopy"]["pages_sent"] if rec["precopy"] else None,
                 "guest_pages": rec["precopy"]["guest_pages"] if rec["precopy"] else None,
@@ -322,6 +324,9 @@ def summarize(run: dict) -> dict:
         "server_blackout": stats([x["server_blackout_ms"] for x in s]),
         "downtime": stats([x["downtime_ms"] for x in s]),
         "remap_rebind": stats([x["remap_rebind_ms"] for x in s]),
+        "rehome": stats([x["rehome_ms"] for x in s]),
+        "remap": stats([x["remap_ms"] for x in s]),
+        "replay": stats([x["replay_ms"] for x in s]),
         "total": stats([x["total_ms"] for x in s]),
         "prepare": stats([x["prepare_ms"] for x in s]),
         "blackout_minus_downtime": stats(over),
@@ -401,6 +406,10 @@ def main_table(m: dict) -> str:
                          "downtime"),
                         ("blackout − downtime", "blackout_minus_downtime"),
                         ("re-map + re-bind (RM re-home + backends connected)", "remap_rebind"),
+                        ("· RM re-home step (RM VM switchover, agent attached there)",
+                         "rehome"),
+                        ("· re-map/re-bind step (new grant, frames, ports)", "remap"),
+                        ("replay step (held keys into the ring)", "replay"),
                         ("console blackout as the RM agent logs it (freeze → first update)",
                          "server_blackout"),
                         ("whole co-migration", "total")):
@@ -469,6 +478,8 @@ def markdown(result: dict) -> str:
         "",
     ]
     out += [f"- {line}" for line in verdict(m)]
+    if a.get("note"):
+        out.append(f"- {a['note']}")
     out += ["", "Cost vs guest memory (typing as above; pre-copy time grows with memory, "
                 "downtime and blackout do not):", "", sweep_table(result["sweep"]), ""]
     out += [
@@ -502,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",") if x],
                    default=[64, 256, 1024], help="guest MiB of the sweep (comma-separated)")
     p.add_argument("--sweep-migrations", type=int, default=4)
+    p.add_argument("--note", default="", help="a sentence added to the report (conditions)")
     p.add_argument("--json", type=Path, default=None, metavar="FILE")
     p.add_argument("--update", type=Path, default=None, metavar="BENCHMARKS.md",
                    help="replace the migration section of this file")
