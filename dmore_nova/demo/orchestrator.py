@@ -265,7 +265,6 @@ class Demo:
         self.ready = False
         self.stopping = False
         self.api: Any = None  # the HTTP control API (dmore_nova.demo.api.ControlServer)
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._migration_lock = asyncio.Lock()
         self._log_files: list[Any] = []
         #: False until no other demo runs from the run dir: a refused start must not touch
@@ -297,16 +296,9 @@ class Demo:
     def proxy_url(self) -> str:
         return self._url(self.options.proxy_port)
 
-    def host_of_run_dir(self, run_dir: Path) -> str:
-        for name, h in self.hosts.items():
-            if Path(h.run_dir).resolve() == Path(run_dir).resolve():
-                return name
-        raise KeyError(str(run_dir))
-
     # -- start ----------------------------------------------------------------------------------
     async def start(self) -> None:
         """Bring everything up; on any failure, take down what was started and raise."""
-        self._loop = asyncio.get_running_loop()
         try:
             await self._start()
         except BaseException:
