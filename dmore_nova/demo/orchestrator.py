@@ -619,6 +619,9 @@ class Demo:
             "viewers_before": len(before.viewers), "viewers_kept": kept,
             "disconnects": len(before.viewers) - kept,
             "agent_restarted": agent is not before.agent,
+            # CLOCK_MONOTONIC seconds (the same clock in every process of this machine), so a
+            # client can place its own observations: input frozen .. viewers refreshed.
+            "switchover_window": _window(report),
             "guest_domid": g.domid, "rm_domid": g.rm_domid, "rm_host": g.host,
         }
 
@@ -748,6 +751,17 @@ class Demo:
         for name in ("tokens.json", "proxy.conf", runtime.STATE_FILE):
             with contextlib.suppress(FileNotFoundError):
                 (self.run_dir / name).unlink()
+
+
+def _window(report: CoMigrationReport) -> dict[str, float | None]:
+    """When input was frozen and when the viewers were refreshed (monotonic seconds)."""
+    out: dict[str, float | None] = {"freeze": None, "refresh": None}
+    for step in report.steps:
+        if step.state is State.GUEST_SWITCHOVER:
+            out["freeze"] = step.started
+        elif step.state is State.REFRESH:
+            out["refresh"] = step.ended
+    return out
 
 
 def _connect(host: str, port: int) -> socket.socket:
