@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dmore_nova.demo.runtime import DemoError, clean_stale
 from dmore_nova.xen.io import fbif as F
 from dmore_nova.xen.io import keymap
 from dmore_nova.xen.sim.client import SimXen
@@ -113,7 +114,11 @@ class DemoProcess:
                     "--rfb-port", "0", *(extra or [])]
         self.out_path = self.run_dir.parent / f"{self.run_dir.name}.out"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
         out = open(self.out_path, "ab")  # noqa: SIM115 - the child's stdout/stderr
@@ -192,10 +197,17 @@ class DemoProcess:
                 f"demo did not stop within {timeout}s:\n{self.output()}") from None
 
     def close(self) -> None:
-        """Best-effort stop for a test's teardown (after a failure, too)."""
+        """Best-effort stop for a test's teardown (after a failure, too): the demo is
+        interrupted (killed if it does not stop), then whatever it left is stopped as its next
+        start would do it."""
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(AssertionError):
                 self.interrupt()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        with contextlib.suppress(DemoError, OSError):
+            clean_stale(self.run_dir, self.shm_dir)
         if self.own_dirs:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             with contextlib.suppress(OSError):
