@@ -392,7 +392,7 @@ class XsPermissions(ctypes.Structure):
 def _libxenstore():
     name = ctypes.util.find_library("xenstore")
     if name is None:
-        pytest.skip("libxenstore (libxenstore4) not installed")
+        pytest.skip(reason="libxenstore (libxenstore4) not installed")
     lib = ctypes.CDLL(name, use_errno=True)
     vp, u32, cp = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_char_p
     puint = ctypes.POINTER(ctypes.c_uint)

@@ -134,7 +134,7 @@ def test_argument_validation_comes_before_any_library_use() -> None:
 
 def test_missing_symbol_is_unavailable_enosys() -> None:
     if not LIBS_PRESENT:
-        pytest.skip("libxenevtchn1 not installed")
+        pytest.skip(reason="libxenevtchn1 not installed")
     protos = dict(libs.EVTCHN_PROTOTYPES)
     protos["xenevtchn_from_the_future"] = (libs.C_INT, ())
     lib = libs.XenLibrary("xenevtchn", ("libxenevtchn.so.1",), "xenevtchn.h", "libxenevtchn1",

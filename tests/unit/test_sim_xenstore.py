@@ -933,7 +933,7 @@ def test_perm_parse_and_format():
 def test_perm_bits_match_xenstore_lib_h():
     header = Path("/usr/include/xenstore_lib.h")
     if not header.exists():
-        pytest.skip("needs libxen-dev's xenstore_lib.h")
+        pytest.skip(reason="needs libxen-dev's xenstore_lib.h")
     defs = dict(re.findall(r"#define\s+(XS_PERM_\w+)\s+(0x[0-9a-fA-F]+|\d+)", header.read_text()))
     for name in ("XS_PERM_NONE", "XS_PERM_READ", "XS_PERM_WRITE", "XS_PERM_OWNER"):
         assert int(defs[name], 0) == getattr(xenstore, name), name

@@ -261,7 +261,7 @@ def test_32bit_layout_matches_headers(tmp_path):
         depth_end = fbif._PAGE["depth"].offset + 1
         assert page.pd_entry_size == 4
         assert page.pd_offset == -(-depth_end // 4) * 4
-        pytest.xfail("gcc -m32 unavailable: 32-bit pd layout checked by the ILP32 rule only")
+        pytest.xfail(reason="gcc -m32 unavailable: 32-bit pd layout checked by the ILP32 rule only")
     print(f"32-bit layout source: {how}")
     int_checks = sum(1 for k, _, _ in checks if k.startswith("int:"))
     assert sum(1 for i in values if checks[i][0].startswith("int:")) == int_checks

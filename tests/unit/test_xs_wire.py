@@ -75,7 +75,7 @@ int main(void) {
 @pytest.fixture(scope="module")
 def c_values(tmp_path_factory) -> tuple[dict[str, str], list[tuple[int, str]]]:
     if shutil.which("gcc") is None or not HEADER.exists():
-        pytest.skip("needs gcc and libxen-dev's xs_wire.h")
+        pytest.skip(reason="needs gcc and libxen-dev's xs_wire.h")
     d = tmp_path_factory.mktemp("xs_wire_c")
     (d / "p.c").write_text(C_PROGRAM)
     subprocess.run(["gcc", "-Wall", "-Werror", "-Wno-unused-variable", "-o", str(d / "p"),
@@ -149,7 +149,7 @@ def test_error_table_matches_the_header(c_values):
 def test_error_names_in_header_text_order():
     """Without a compiler too: the names and their order as written in the header."""
     if not HEADER.exists():
-        pytest.skip("needs libxen-dev's xs_wire.h")
+        pytest.skip(reason="needs libxen-dev's xs_wire.h")
     names = re.findall(r"XSD_ERROR\((E\w+)\)", HEADER.read_text())
     assert tuple(names) == xs_wire.XSD_ERROR_NAMES
     for num, name in xs_wire.XSD_ERRORS:

@@ -73,7 +73,7 @@ def xenbox() -> Iterator[object]:
     """The running box (``tools/xenbox/xenbox.py`` ``XenBox``), dom0's 5900 forwarded to a free
     host port (``box.ports[5900]``)."""
     if not opted_in():
-        pytest.skip(SKIP_REASON)
+        pytest.skip(reason=SKIP_REASON)
     xb = load_xenbox()
     t0 = time.monotonic()
     try:
