@@ -8,7 +8,8 @@ layout (``xenfb_page.pd`` at 36, 4-byte entries) comes from ``gcc -m32``: linked
 32-bit libc is installed, otherwise compiled to assembly only (``-S -ffreestanding``, no libc
 needed) and read from the emitted ``.long`` data -- still GCC's real i386 layout.  Only if
 ``gcc -m32`` cannot even compile does the 32-bit check fall back to the header's rule
-(``unsigned long`` is 4 bytes on ILP32), and the test then reports an expected failure (with its reason).
+(``unsigned long`` is 4 bytes on ILP32), and the test then reports an expected failure with
+its reason.
 """
 
 from __future__ import annotations
