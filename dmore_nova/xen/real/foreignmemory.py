@@ -18,28 +18,17 @@ from dmore_nova.xen.real.evtchn import check_domid
 MAX_FOREIGN_MAP_PAGES = 65536
 
 
-class ForeignMemory:
+class ForeignMemory(libs.MappingHandle):
     """One ``xenforeignmemory_handle``, opened on first use."""
 
+    OPEN_FN, UNMAP_FN, CLOSE_FN = ("xenforeignmemory_open", "xenforeignmemory_unmap",
+                                   "xenforeignmemory_close")
+    DEVICE, MODULE, WHAT = "/dev/xen/privcmd", "xen_privcmd", "foreign memory"
+
     def __init__(self, lib: libs.XenLibrary | None = None) -> None:
-        self._lib = lib or libs.FOREIGNMEMORY
-        self._handle: int | None = None
-        self._closed = False
-        self._live: set[libs.MappedPages] = set()
+        super().__init__(lib or libs.FOREIGNMEMORY)
         pfn = libs.XEN_PFN_T.ctype
         self._pfn_max = (1 << (8 * ctypes.sizeof(pfn))) - 1  # type: ignore[arg-type]
-
-    def _h(self) -> int:
-        if self._closed:
-            raise api.XenError(errno.EBADF, "foreign memory handle is closed")
-        if self._handle is None:
-            ctypes.set_errno(0)
-            handle = self._lib.call("xenforeignmemory_open", None, 0)
-            if not handle:
-                raise libs.open_error("xenforeignmemory_open", "/dev/xen/privcmd",
-                                      "xen_privcmd", ctypes.get_errno() or errno.ENOENT)
-            self._handle = handle  # type: ignore[assignment]
-        return self._handle  # type: ignore[return-value]
 
     def map(self, domid: int, frames: Sequence[int], writable: bool = False) -> libs.MappedPages:
         """Map ``frames`` of ``domid`` contiguously.  Any page that fails fails the whole call
@@ -67,28 +56,4 @@ class ForeignMemory:
             code = -err[bad] if err[bad] < 0 else err[bad]
             raise api.XenError(code, f"xenforeignmemory_map(dom{domid}): page {bad} "
                                      f"(frame {frames[bad]:#x}): {errno.errorcode.get(code, code)}")
-        pages = libs.MappedPages(addr, n, self._unmapper, writable=writable,  # type: ignore[arg-type]
-                                 what=f"foreign dom{domid} {n} pages")
-        self._live.add(pages)
-        return pages
-
-    def _unmapper(self, addr: int, npages: int) -> None:
-        ctypes.set_errno(0)
-        if self._handle is None or self._lib.call(
-                "xenforeignmemory_unmap", self._handle, addr, npages) != 0:
-            raise libs.last_error("xenforeignmemory_unmap")
-        self._live = {p for p in self._live if p.addr != addr}
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        for pages in list(self._live):
-            try:
-                pages.unmap()
-            except api.XenError:
-                pass  # closing the handle leaves the mappings to munmap at exit
-        self._live.clear()
-        self._closed = True
-        handle, self._handle = self._handle, None
-        if handle is not None:
-            self._lib.call("xenforeignmemory_close", handle)
+        return self._track(addr, n, writable, f"foreign dom{domid} {n} pages")

@@ -15,30 +15,18 @@ from dmore_nova.xen.real.evtchn import check_domid
 GRANT_REF_MAX = 0xFFFFFFFF
 
 
-class GrantTable:
+class GrantTable(libs.MappingHandle):
     """One ``xengnttab_handle``, opened on first use and shared by all grant mappings.
 
     Mappings made through a handle must be unmapped before it is closed (xengnttab.h), so
     :meth:`close` unmaps whatever is still mapped.
     """
 
-    def __init__(self, lib: libs.XenLibrary | None = None) -> None:
-        self._lib = lib or libs.GNTTAB
-        self._handle: int | None = None
-        self._closed = False
-        self._live: set[libs.MappedPages] = set()
+    OPEN_FN, UNMAP_FN, CLOSE_FN = "xengnttab_open", "xengnttab_unmap", "xengnttab_close"
+    DEVICE, MODULE, WHAT = "/dev/xen/gntdev", "xen_gntdev", "grant table"
 
-    def _h(self) -> int:
-        if self._closed:
-            raise api.XenError(errno.EBADF, "grant table handle is closed")
-        if self._handle is None:
-            ctypes.set_errno(0)
-            handle = self._lib.call("xengnttab_open", None, 0)
-            if not handle:
-                raise libs.open_error("xengnttab_open", "/dev/xen/gntdev", "xen_gntdev",
-                                      ctypes.get_errno() or errno.ENOENT)
-            self._handle = handle  # type: ignore[assignment]
-        return self._handle  # type: ignore[return-value]
+    def __init__(self, lib: libs.XenLibrary | None = None) -> None:
+        super().__init__(lib or libs.GNTTAB)
 
     def map_grant_ref(self, domid: int, gref: int, writable: bool = True) -> libs.MappedPages:
         """``xengnttab_map_grant_ref``: one page; EPERM etc. as :class:`api.XenError`."""
@@ -51,28 +39,4 @@ class GrantTable:
         addr = self._lib.call("xengnttab_map_grant_ref", handle, domid, gref, prot)
         if not addr:
             raise libs.last_error(f"xengnttab_map_grant_ref(dom{domid}, gref {gref})")
-        pages = libs.MappedPages(addr, 1, self._unmapper, writable=writable,  # type: ignore[arg-type]
-                                 what=f"grant dom{domid}/gref{gref}")
-        self._live.add(pages)
-        return pages
-
-    def _unmapper(self, addr: int, npages: int) -> None:
-        ctypes.set_errno(0)
-        if self._handle is None or self._lib.call(
-                "xengnttab_unmap", self._handle, addr, npages) != 0:
-            raise libs.last_error("xengnttab_unmap")
-        self._live = {p for p in self._live if p.addr != addr}
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        for pages in list(self._live):
-            try:
-                pages.unmap()
-            except api.XenError:
-                pass  # closing the handle releases the grant maps anyway
-        self._live.clear()
-        self._closed = True
-        handle, self._handle = self._handle, None
-        if handle is not None:
-            self._lib.call("xengnttab_close", handle)
+        return self._track(addr, 1, writable, f"grant dom{domid}/gref{gref}")

@@ -343,3 +343,61 @@ class MappedPages(api.Mapping):
                       self)
             return
         weakref.finalize(array, _munmap, self.addr, self.size)
+
+
+class MappingHandle:
+    """A lazily opened libxen handle that hands out :class:`MappedPages` (``xengnttab_handle``,
+    ``xenforeignmemory_handle``): one place for open-on-first-use, unmap and close-with-unmap,
+    which both libraries need identically (mappings must go before the handle does)."""
+
+    #: Subclasses name their library's functions and the device/module an open needs.
+    OPEN_FN = ""
+    UNMAP_FN = ""
+    CLOSE_FN = ""
+    DEVICE = ""
+    MODULE = ""
+    WHAT = ""
+
+    def __init__(self, lib: XenLibrary) -> None:
+        self._lib = lib
+        self._handle: int | None = None
+        self._closed = False
+        self._live: set[MappedPages] = set()
+
+    def _h(self) -> int:
+        if self._closed:
+            raise api.XenError(errno.EBADF, f"{self.WHAT} handle is closed")
+        if self._handle is None:
+            ctypes.set_errno(0)
+            handle = self._lib.call(self.OPEN_FN, None, 0)
+            if not handle:
+                raise open_error(self.OPEN_FN, self.DEVICE, self.MODULE,
+                                 ctypes.get_errno() or errno.ENOENT)
+            self._handle = handle
+        return self._handle
+
+    def _track(self, addr: int, npages: int, writable: bool, what: str) -> MappedPages:
+        pages = MappedPages(addr, npages, self._unmapper, writable=writable, what=what)
+        self._live.add(pages)
+        return pages
+
+    def _unmapper(self, addr: int, npages: int) -> None:
+        ctypes.set_errno(0)
+        if self._handle is None or self._lib.call(
+                self.UNMAP_FN, self._handle, addr, npages) != 0:
+            raise last_error(self.UNMAP_FN)
+        self._live = {p for p in self._live if p.addr != addr}
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        for pages in list(self._live):
+            try:
+                pages.unmap()
+            except api.XenError:
+                pass  # closing the handle releases what is left (or munmap at exit)
+        self._live.clear()
+        self._closed = True
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            self._lib.call(self.CLOSE_FN, handle)
