@@ -25,13 +25,9 @@ Run:  .venv/bin/python bench/key_latency.py --samples 300 --markdown
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
 import json
 import os
-import platform
 import random
-import shlex
 import shutil
 import signal
 import socket
@@ -42,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import benchmeta
 from rfb_client import ENC_DESKTOPSIZE, ENC_RAW, RFBClient, RFBError, Update
 
 REPO = Path(__file__).resolve().parent.parent
@@ -311,34 +308,10 @@ def run(args: argparse.Namespace) -> dict:
 
 
 # -- reporting ------------------------------------------------------------------------------------
-def sh(cmd: list[str]) -> str:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=10,
-                              cwd=REPO).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "?"
-
-
 def machine_info(args: argparse.Namespace, load_before: tuple[float, float, float]) -> dict:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    dirty = sh(["git", "status", "--porcelain", "--", "dmore_nova", "bench"])
     return {
-        "command": "python bench/key_latency.py " + shlex.join(args.argv),
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "uname": sh(["uname", "-a"]),
-        "cpu": cpu,
-        "nproc": os.cpu_count(),
-        "loadavg_before": list(load_before),
-        "loadavg_after": list(os.getloadavg()),
-        "python": platform.python_version(),
-        "qemu": (sh([args.qemu, "--version"]).splitlines() or ["?"])[0],
-        "git": sh(["git", "rev-parse", "--short", "HEAD"])
-        + (" + uncommitted changes under dmore_nova/ or bench/" if dirty else ""),
+        **benchmeta.machine_info("key_latency.py", args.argv, load_before),
+        "qemu": (benchmeta.sh([args.qemu, "--version"]).splitlines() or ["?"])[0],
         "pixel_format": "32 bpp little-endian true colour (as noVNC)",
         "encodings": "Raw (+ DesktopSize)",
         "geometry": args.geometry,
@@ -426,18 +399,7 @@ def markdown(result: dict) -> str:
 
 
 def update_file(path: Path, block: str) -> None:
-    """Replace only this benchmark's section of BENCHMARKS.md (other sections are others')."""
-    header = ("# Benchmarks\n\nMeasured numbers of dmore-nova, each section with the command that "
-              "produced it. Benchmarks live in `bench/`; they are not tests.\n")
-    text = path.read_text() if path.exists() else header
-    if SECTION_START in text and SECTION_END in text:
-        pre, rest = text.split(SECTION_START, 1)
-        post = rest.split(SECTION_END, 1)[1]
-        text = pre + block + post
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-
+    benchmeta.update_section(path, SECTION_START, SECTION_END, block)
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv

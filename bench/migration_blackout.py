@@ -39,11 +39,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
 import os
-import platform
-import shlex
 import shutil
 import signal
 import statistics
@@ -55,6 +52,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import benchmeta
 from rfb_client import ENC_DESKTOPSIZE, ENC_RAW, RFBClient, RFBError, Update
 
 REPO = Path(__file__).resolve().parent.parent
@@ -387,31 +385,8 @@ def run_all(args: argparse.Namespace) -> dict:
 
 
 # -- reporting -------------------------------------------------------------------------------------
-def sh(cmd: list[str]) -> str:
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=10,
-                              cwd=REPO).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "?"
-
-
 def machine_info(args: argparse.Namespace, load_before: tuple[float, float, float]) -> dict:
-    cpu = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    dirty = sh(["git", "status", "--porcelain", "--", "dmore_nova", "bench"])
-    return {
-        "command": "python bench/migration_blackout.py " + shlex.join(args.argv),
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "uname": sh(["uname", "-a"]), "cpu": cpu, "nproc": os.cpu_count(),
-        "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
-        "python": platform.python_version(),
-        "git": sh(["git", "rev-parse", "--short", "HEAD"])
-        + (" + uncommitted changes under dmore_nova/ or bench/" if dirty else ""),
-    }
+    return benchmeta.machine_info("migration_blackout.py", args.argv, load_before)
 
 
 def _f(v: float) -> str:
@@ -523,16 +498,7 @@ def markdown(result: dict) -> str:
 
 
 def update_file(path: Path, block: str) -> None:
-    """Replace only this benchmark's section of BENCHMARKS.md (other sections are others')."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if SECTION_START in text and SECTION_END in text:
-        pre, rest = text.split(SECTION_START, 1)
-        post = rest.split(SECTION_END, 1)[1]
-        text = pre + block + post
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-
+    benchmeta.update_section(path, SECTION_START, SECTION_END, block)
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
