@@ -1,14 +1,19 @@
 """``dmore-rm-agent``: serve one guest's console from the RM VM (or dom0).
 
 Configuration from oslo.config: [agent] (which Xen, which guest) and [rfb] (where viewers
-connect, security).  Logs every device state change.
+connect, security).  Logs every device state change.  With ``[agent] follow_xl_migrate`` it
+also follows ``xl migrate`` of its guest (:mod:`dmore_nova.rm_vm.xl_follower`); with
+``[agent] status_file`` it keeps a JSON status file current.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import signal
 import sys
+from typing import Any
 
 from oslo_config import cfg
 from oslo_log import log as logging
@@ -16,9 +21,13 @@ from oslo_log import log as logging
 from dmore_nova import conf as dconf
 from dmore_nova.rm_vm.agent import RMAgent
 from dmore_nova.rm_vm.rfb.server import options_from_conf
-from dmore_nova.xen.api import Xen
+from dmore_nova.rm_vm.xl_follower import XlMigrationFollower
+from dmore_nova.xen.api import Xen, XenStore
 
 LOG = logging.getLogger(__name__)
+#: Seconds between two rewrites of the status file (the agent's own state, e.g. what the
+#: frontend requested, changes without telling anyone).
+STATUS_INTERVAL = 1.0
 
 
 def make_xen(conf: cfg.ConfigOpts) -> Xen:
@@ -31,6 +40,43 @@ def make_xen(conf: cfg.ConfigOpts) -> Xen:
     return RealXen()
 
 
+def make_xenstore(conf: cfg.ConfigOpts) -> XenStore:
+    """A second xenstore connection, as the agent's domain (the follower's watches must not
+    go through the agent's watch connection, which dispatches only the agent's tokens)."""
+    if conf.agent.xen == "sim":
+        from pathlib import Path
+
+        from dmore_nova.xen.pyxs_store import PyxsXenStore
+        from dmore_nova.xen.sim.host import xenstore_path
+        return PyxsXenStore(unix_socket_path=str(xenstore_path(Path(conf.agent.sim_run_dir),
+                                                               conf.agent.backend_domid)))
+    from dmore_nova.xen.real.xen import connect_xenstore
+    return connect_xenstore()
+
+
+def agent_status(agent: RMAgent, follower: XlMigrationFollower | None) -> dict[str, Any]:
+    """What the status file holds."""
+    st: dict[str, Any] = {
+        "guest_domid": agent.guest_domid, "rehomes": agent.rehomes, "frozen": agent.frozen,
+        "held": len(agent.held), "held_dropped": agent.held_dropped,
+        "abs_pointer": agent.vkbd.abs_pointer, "viewers": len(agent.server.viewers),
+        "devices_connected": agent.devices_connected(),
+        "vkbd_delivered": agent.vkbd.delivered, "vkbd_dropped": agent.vkbd.dropped,
+        "vkbd_requeued": agent.requeued_input,
+    }
+    if follower is not None:
+        st.update(follower.status())
+    return st
+
+
+def write_status(path: str, status: dict[str, Any]) -> None:
+    """Atomically (a reader never sees a half-written file)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(status, f)
+    os.replace(tmp, path)
+
+
 async def run(conf: cfg.ConfigOpts) -> None:
     if conf.agent.guest_domid is None:
         raise ValueError("[agent]guest_domid is required")
@@ -39,14 +85,39 @@ async def run(conf: cfg.ConfigOpts) -> None:
                     devid=conf.agent.devid, width=conf.agent.width, height=conf.agent.height,
                     videoram_mb=conf.agent.videoram_mb, plug_vfb=conf.agent.plug_vfb)
     port = await agent.start(conf.rfb.listen, conf.rfb.port)
-    print(f"dmore-rm-agent: dom{conf.agent.guest_domid} console on {conf.rfb.listen}:{port}",
-          flush=True)
+    follower: XlMigrationFollower | None = None
+    follower_xs: XenStore | None = None
+    status_path = conf.agent.status_file
+
+    def status_now() -> None:
+        if status_path:
+            try:
+                write_status(status_path, agent_status(agent, follower))
+            except OSError as exc:
+                LOG.warning("status file %s: %s", status_path, exc)
+
+    if conf.agent.follow_xl_migrate:
+        follower_xs = make_xenstore(conf)
+        follower = XlMigrationFollower(agent, follower_xs, on_step=status_now)
+        follower.start()
+    print(f"dmore-rm-agent: dom{conf.agent.guest_domid} console on {conf.rfb.listen}:{port}"
+          + (f", following xl migrate of {follower.name!r}" if follower else ""), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    while not stop.is_set():
+        status_now()
+        try:
+            await asyncio.wait_for(stop.wait(), STATUS_INTERVAL if status_path else None)
+        except TimeoutError:
+            pass
+    if follower is not None:
+        follower.stop()
     await agent.stop()
+    status_now()
+    if follower_xs is not None:
+        follower_xs.close()
     xen.close()
 
 

@@ -24,6 +24,20 @@ OPTS = [
                 help="Create the guest's vfb device in xenstore (as a toolstack would) and "
                      "serve it. Needed on real Xen when the guest's vkb has "
                      "backend-type=linux: libxl starts QEMU for any vfb in the xl config."),
+    cfg.BoolOpt("follow_xl_migrate", default=False,
+                help="Follow 'xl migrate' of the guest through xenstore (real Xen, agent in "
+                     "dom0, localhost migration): hold viewers' input when libxl asks the "
+                     "guest to suspend, plug the vfb of the incoming domain before it "
+                     "resumes, re-home to the new domid when xl starts it, replay the held "
+                     "input, and answer libxl's teardown of the old backend (else libxl "
+                     "waits 10 s and logs 'unable to remove device'). Nothing else tells a "
+                     "dom0 agent that its guest migrated: without this, keys typed during "
+                     "the migration are lost and the console stays on the old domid."),
+    cfg.StrOpt("status_file",
+               help="Write the agent's state as JSON to this file, atomically, every second "
+                    "and after each migration step it follows (guest domid, re-homes, held "
+                    "and dropped input, devices connected, the xl follower's steps): for "
+                    "tests and monitoring. Unset: no file."),
     cfg.IntOpt("videoram_mb", default=16, min=1, max=64,
                help="Largest guest framebuffer accepted, in MiB (vfb 'videoram')."),
 ]

@@ -18,7 +18,8 @@ Co-migration hooks (driven by :mod:`dmore_nova.rm_vm.comigration`):
   (a suspended Linux frontend would lose what is left in its old page);
 * :meth:`RMAgent.rehome` -- the agent process moves to another host (another ``Xen``, another
   guest domid) and keeps its RFB server, viewer sockets, display and pending input; backends
-  are re-created for the new guest and re-map/re-bind when its frontends reconnect;
+  are re-created for the new guest and re-map/re-bind when its frontends reconnect; what the
+  old frontend left unconsumed in its ring is sent again (its resumed self zeroes the page);
 * :meth:`RMAgent.thaw` -- held input goes to the vkbd (after what was already queued);
 * :meth:`RMAgent.refresh` -- every viewer gets a full update.
 """
@@ -88,6 +89,9 @@ class RMAgent:
         self.held: deque[KeyInput | PointerInput] = deque()
         self._carried_queue: deque = deque()
         self.held_dropped = 0
+        #: Events taken back from old rings at re-homes (the suspended frontend had not
+        #: consumed them) and sent again to the new ring.
+        self.requeued_input = 0
         self.rehomes = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watched: list[tuple[str, str]] = []
@@ -294,7 +298,14 @@ class RMAgent:
 
     def freeze(self) -> None:
         """Hold viewers' input (in order, bounded) and stop the device state machines from
-        reacting to the source side while the guest switches over."""
+        reacting to the source side while the guest switches over.
+
+        Events already in the ring are not waited for here: the guest suspends when it
+        pleases (``xl migrate`` does not wait for the agent), and it may not consume them
+        before.  Either it did (``in_cons`` caught up: :meth:`input_drained`), or
+        :meth:`rehome` takes ``in_cons..in_prod`` from the old ring and sends them again;
+        if the migration is cancelled, the guest resumes with its ring intact and
+        :meth:`thaw` only adds the held input after it."""
         self.devices_held = True
         if not self.frozen:
             self.frozen = True
@@ -360,6 +371,16 @@ class RMAgent:
         new_evtchns = xen.event_channels()
         old_xen, old_evtchns, old_devices = self.xen, self.evtchns, self.devices
         self._unwire()
+        # The guest suspended before it resumed elsewhere: the old ring is final, and its
+        # resumed frontend zeroes the page.  What it had not consumed is sent again, first
+        # (it went into the ring before anything still queued or held): nothing lost, and
+        # nothing doubled, since what it had consumed (before in_cons) is not taken back.
+        unconsumed = self.vkbd.unconsumed() if self.vkbd.closed_reason is None else []
+        if unconsumed:
+            self.vkbd.delivered -= len(unconsumed)
+            self.requeued_input += len(unconsumed)
+            LOG.info("agent: %d events the suspended dom%d had not consumed are re-queued",
+                     len(unconsumed), self.guest_domid)
         for dev in old_devices:
             try:
                 dev.disconnect()
@@ -368,6 +389,7 @@ class RMAgent:
         with contextlib.suppress(XenError, OSError):
             old_evtchns.close()
         carried = self.export_input()
+        carried.queue.extendleft(reversed(unconsumed))
         self.xen, self.guest_domid, self.evtchns = xen, guest_domid, new_evtchns
         self.vkbd, self.vfb = self._make_devices()
         # The new backends take the keyboard state now; the queued events wait with the held

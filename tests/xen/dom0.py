@@ -71,7 +71,7 @@ class ServedGuest:
         return p.read_text(errors="replace") if p.exists() else ""
 
     def status(self) -> dict:
-        """The follower's status JSON (tests.xen.follow_agent)."""
+        """The agent's status JSON (``[agent] status_file``, with the xl follower's steps)."""
         return json.loads((self.box.box_dir / "status.json").read_text())
 
     def agent_running(self) -> bool:
@@ -84,7 +84,6 @@ class ServedGuest:
 
 
 AGENT = "dmore_nova.cmd.rm_agent"
-FOLLOWER = "tests.xen.follow_agent"
 
 
 def start_served_guest(box: Any, *, width: int = 800, height: int = 600,
@@ -93,7 +92,8 @@ def start_served_guest(box: Any, *, width: int = 800, height: int = 600,
     then unpause it: the agent's backends are in InitWait with their features before the
     guest's frontends probe (xen-kbdfront reads ``feature-abs-pointer`` only at probe), and
     the guest does not wait 30 s at boot for an unserved device.  ``follow_migration``: the
-    same agent inside :mod:`tests.xen.follow_agent`, which follows ``xl migrate``."""
+    agent also follows ``xl migrate`` (``[agent] follow_xl_migrate``,
+    :mod:`dmore_nova.rm_vm.xl_follower`) and writes /mnt/box/status.json."""
     box.sh("[ -e /mnt/box/agent.pid ] && kill $(cat /mnt/box/agent.pid) 2>/dev/null;"
            f" xl destroy {GUEST} 2>/dev/null; rm -f {GUEST_LOG} {GUEST_LOG_INCOMING}; true")
     box.sh(f"xl create -p /root/domU/{GUEST}-rm.cfg", 180)
@@ -101,14 +101,14 @@ def start_served_guest(box: Any, *, width: int = 800, height: int = 600,
     (box.box_dir / "agent.conf").write_text(
         "[agent]\nxen = real\n"
         f"guest_domid = {domid}\nplug_vfb = true\nwidth = {width}\nheight = {height}\n"
+        + ("follow_xl_migrate = true\nstatus_file = /mnt/box/status.json\n"
+           if follow_migration else "") +
         "[rfb]\nlisten = 0.0.0.0\nport = 5900\n")
     (box.box_dir / "agent.out").write_text("")
     # A simple command in the background, so that $! is the agent's own pid (a compound
     # command would be a subshell, and SIGTERM would not reach the agent).
-    program = (f"{FOLLOWER} --guest-name {GUEST} --status /mnt/box/status.json"
-               if follow_migration else AGENT)
     box.sh("cd /mnt/src; PYTHONPATH=/mnt/src PYTHONDONTWRITEBYTECODE=1 nohup"
-           f" python3 -m {program} --config-file /mnt/box/agent.conf"
+           f" python3 -m {AGENT} --config-file /mnt/box/agent.conf"
            " >>/mnt/box/agent.out 2>&1 </dev/null & echo $! >/mnt/box/agent.pid")
     g = ServedGuest(box, domid, box.ports[5900])
     try:

@@ -1,16 +1,19 @@
 """Issue 5 §2 on real Xen 4.17: ``xl migrate`` (localhost) with the console open.
 
 A vncdotool client stays connected to the dom0 RM agent and keeps typing into the guest's tty1
-shell while xl migrates the guest.  The agent (in :mod:`tests.xen.follow_agent`, which follows
-xl through xenstore) holds input from the suspend request on, re-homes to the new domid,
-re-maps the resumed frontends' new pages and re-binds their new ports, replays what was held,
-and refreshes the viewer.  Afterwards every typed key must have reached the guest once, in
-order, the client must never have been disconnected, and the old backend nodes must be gone.
+shell while xl migrates the guest.  The agent (``dmore-rm-agent`` with ``[agent]
+follow_xl_migrate``: :mod:`dmore_nova.rm_vm.xl_follower` follows xl through xenstore) holds
+input from the suspend request on, re-homes to the new domid (re-sending what the suspended
+frontend had not consumed), re-maps the resumed frontends' new pages and re-binds their new
+ports, replays what was held, and refreshes the viewer.  Afterwards every typed key must have
+reached the guest once, in order, the client must never have been disconnected, and the old
+backend nodes must be gone.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import string
 import threading
 import time
@@ -100,6 +103,8 @@ def test_typing_continues_through_xl_migrate(served: ServedGuest, vncdotool_conn
     # replayed after the re-map/re-bind, none dropped.
     assert events["thawed"]["replayed"] > 0, events
     assert st["held_dropped"] == 0 and st["vkbd_dropped"] == 0
+    # (vkbd_requeued: events re-sent from the old ring; kept with the run's files)
+    (Path(xenbox.run_dir) / "status-after-migrate.json").write_text(json.dumps(st, indent=1))
     TIMINGS["  input held (suspend request -> thaw)"] = (events["thawed"]["t"]
                                                          - events["suspend-requested"]["t"])
     TIMINGS["  guest started -> devices re-connected"] = events["devices-connected"]["seconds"]

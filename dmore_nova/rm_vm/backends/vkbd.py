@@ -101,6 +101,25 @@ class VkbdBackend(BackendDevice):
             raise DeviceError(str(exc)) from None
         self.flush()
 
+    def unconsumed(self) -> list[K.XenkbdKey | K.XenkbdPosition | K.XenkbdMotion]:
+        """The events in the ring the frontend has not consumed (``in_cons..in_prod``), in
+        order, read from a copy of the page: the shared page is not written.
+
+        Why: a Linux frontend that resumes after migration ends its grant and zeroes its page
+        (``xenkbd_resume``: ``memset(info->page, 0, PAGE_SIZE)``), so what it had not consumed
+        when the guest suspended is lost unless the backend sends it again to the new ring.
+        Only meaningful once the guest stopped for good (suspended): a running frontend may
+        consume them meanwhile.  Hostile indices: nothing (logged)."""
+        if self.page is None:
+            return []
+        try:
+            events = K.kbd_in_get(bytearray(self.page.mem[:K.XenkbdPage.PAGE_SIZE]))
+        except RingError as exc:
+            self.log.warning("%s: unconsumed events not recoverable: %s", self.name, exc)
+            return []
+        return [ev for ev in events
+                if isinstance(ev, K.XenkbdKey | K.XenkbdPosition | K.XenkbdMotion)]
+
     # -- input from viewers ----------------------------------------------------------------
     def key(self, ev: KeyInput) -> None:
         code, shift = None, False
