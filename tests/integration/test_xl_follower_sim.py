@@ -32,7 +32,7 @@ from dmore_nova.xen.io import keymap
 from dmore_nova.xen.io.xenbus import XenbusState
 from tests.integration.manual_frontend import ManualFb, ManualKbd
 from tests.integration.rawclient import RawClient
-from tests.unit.test_agent_real_xen_fixes import keys_of, plug_vinput, typed
+from tests.integration.test_agent_real_xen_fixes import keys_of, plug_vinput, typed
 
 REPO = Path(__file__).resolve().parents[2]
 KC = keymap.LINUX_KEYCODES

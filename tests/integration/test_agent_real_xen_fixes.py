@@ -1,5 +1,8 @@
 """RM agent behaviour found on real Xen (the xenbox), pinned on a sim host.
 
+Focused tests of one behaviour each; they are here, not in tests/unit, because they start a
+sim host (tests/unit needs no sockets or services).
+
 Each of these was first seen with Xen 4.17 + Linux frontends (``tests/xen``,
 ``shared/notes/xenbox.md``); here each gets a focused test that fails without its fix:
 
