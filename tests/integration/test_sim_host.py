@@ -567,3 +567,54 @@ def test_readonly_mappings_get_a_readonly_fd(host, guest):
     finally:
         conn.close()
         k.close()
+
+
+def test_notify_datagrams_on_the_evtchn_socket_are_checked_by_the_host(host, guest):
+    """A notify is a datagram on the handle's own socket (no reply); the host still checks it:
+    a port the handle does not own is ignored, a datagram of the wrong size closes only that
+    handle, and a full socket makes notify fall back to the synchronous request."""
+    k, be = host.kernel(guest), host.xen(0)
+    try:
+        port = k.alloc_unbound(0)
+        ev = be.event_channels()
+        lport = ev.bind_interdomain(guest, port)
+        k.evtchn.unmask(port)  # whatever the bind raised is not what we look at below
+        while k.evtchn.pending() is not None:
+            pass
+        kev = k.evtchn
+        # Bypass the client's own ENOTCONN check, as a hostile process could.
+        other = be.event_channels()
+        other._sock.send(hc.encode_delivery(lport))
+        ev.notify(lport)                                  # ours still works, once
+        assert _readable(kev) and kev.pending() == port
+        assert not _readable(kev, 0.2)
+        kev.unmask(port)
+
+        class Full:
+            def __init__(self, sock):
+                self.sock = sock
+
+            def send(self, data):
+                raise BlockingIOError(errno.EAGAIN, "full")
+
+            def __getattr__(self, name):
+                return getattr(self.sock, name)
+
+        real, ev._sock = ev._sock, Full(ev._sock)
+        ev.notify(lport)                                  # synchronous fallback
+        ev._sock = real
+        assert _readable(kev) and kev.pending() == port
+        kev.unmask(port)
+        other._sock.send(b"\x01\x02")                     # junk: closes `other` only
+        assert _readable(other)
+        with pytest.raises(XenError) as e:
+            other.pending()
+        assert e.value.errno == errno.EPIPE
+        ev.notify(lport)
+        assert _readable(kev) and kev.pending() == port
+        log = (host.run_dir / "host.log").read_text()
+        assert "2-byte datagram" in log
+        ev.close()
+    finally:
+        k.close()
+        be.close()

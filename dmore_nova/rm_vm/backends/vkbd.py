@@ -38,6 +38,19 @@ _BUTTONS = ((BUTTON_LEFT, keymap.BTN_LEFT), (BUTTON_MIDDLE, keymap.BTN_MIDDLE),
             (BUTTON_RIGHT, keymap.BTN_RIGHT))
 
 
+_KEY_EVENTS: dict[tuple[bool, int], K.XenkbdKey] = {}
+
+
+def _key_event(pressed: bool, code: int) -> K.XenkbdKey:
+    """The (immutable, so shareable) event for a key; built once per key, as a key press is
+    the latency path.  ``code`` comes from the keymap tables, so the cache is bounded."""
+    key = (pressed, code)
+    event = _KEY_EVENTS.get(key)
+    if event is None:
+        event = _KEY_EVENTS[key] = K.XenkbdKey(pressed=pressed, keycode=code)
+    return event
+
+
 class VkbdBackend(BackendDevice):
     kind = K.XENKBD_DRIVER_NAME  # "vkbd"
     #: QEMU-type vkb (and the sim): backend/vkbd; libxl's ``backend-type=linux``: backend/vinput.
@@ -140,10 +153,10 @@ class VkbdBackend(BackendDevice):
         if synth_shift:
             # A keysym-only client (e.g. vncdotool typing 'A') sent no Shift: add it, as a US
             # keyboard would need it, and release it right after.
-            events.append(K.XenkbdKey(pressed=True, keycode=keymap.KEY_LEFTSHIFT))
-        events.append(K.XenkbdKey(pressed=ev.down, keycode=code))
+            events.append(_key_event(True, keymap.KEY_LEFTSHIFT))
+        events.append(_key_event(ev.down, code))
         if synth_shift:
-            events.append(K.XenkbdKey(pressed=False, keycode=keymap.KEY_LEFTSHIFT))
+            events.append(_key_event(False, keymap.KEY_LEFTSHIFT))
         if ev.down:
             self._pressed.add(code)
         else:

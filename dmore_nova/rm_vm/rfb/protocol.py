@@ -57,6 +57,7 @@ PLAIN_MAX_FIELD = 1024
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _S32 = struct.Struct(">i")
+_MSG_KEY_EVENT = C.MSG_KEY_EVENT
 _RECT_HEADER = struct.Struct(">HHHHi")
 _SCREEN = struct.Struct(">IHHHHI")
 _VERSION_RE = re.compile(rb"RFB (\d{3})\.(\d{3})\n")
@@ -352,6 +353,8 @@ class ServerConnection:
         """Bytes to write to the socket now (TLS records once VeNCrypt TLS is on)."""
         if self._tls_out is not None:
             self._out += self._tls_out.read()
+        if not self._out:
+            return b""
         out = bytes(self._out)
         self._out.clear()
         return out
@@ -473,17 +476,14 @@ class ServerConnection:
         self._shutdown()
 
     def _process(self) -> None:
-        handlers: dict[ConnState, Callable[[], bool]] = {
-            ConnState.VERSION: self._h_version,
-            ConnState.SECURITY: self._h_security,
-            ConnState.VNC_AUTH: self._h_vnc_auth,
-            ConnState.VENCRYPT_VERSION: self._h_vencrypt_version,
-            ConnState.VENCRYPT_SUBTYPE: self._h_vencrypt_subtype,
-            ConnState.PLAIN_AUTH: self._h_plain_auth,
-            ConnState.INIT: self._h_init,
-            ConnState.NORMAL: self._h_message,
-        }
-        while self.state in handlers and handlers[self.state]():
+        if self.state is ConnState.NORMAL:  # the common case: input on the latency path
+            while self._h_message():
+                if self.state is not ConnState.NORMAL:
+                    break
+            else:
+                return
+        handlers = _STATE_HANDLERS
+        while (handler := handlers.get(self.state)) is not None and handler(self):
             pass
 
     # -- internals: TLS ----------------------------------------------------------------------
@@ -723,7 +723,14 @@ class ServerConnection:
             return False
         buf, p = self._in, self._pos
         mtype = buf[p]
-        if mtype == C.MSG_SET_PIXEL_FORMAT:
+        if mtype == _MSG_KEY_EVENT:  # tested first: the key press latency path
+            if avail < 8:
+                return False
+            down = buf[p + 1] != 0
+            keysym = _U32.unpack_from(buf, p + 4)[0]
+            self._pos += 8
+            self._events.append(KeyInput(down, keysym))
+        elif mtype == C.MSG_SET_PIXEL_FORMAT:
             if avail < 20:
                 return False
             pf = PixelFormat.unpack(bytes(buf[p + 4:p + 20]))
@@ -754,13 +761,6 @@ class ServerConnection:
             self._pos += 10
             rect = self._crop(x, y, w, h)
             self._events.append(ev.FramebufferUpdateRequest(incremental, rect))
-        elif mtype == C.MSG_KEY_EVENT:
-            if avail < 8:
-                return False
-            down = buf[p + 1] != 0
-            keysym = _U32.unpack_from(buf, p + 4)[0]
-            self._pos += 8
-            self._events.append(KeyInput(down, keysym))
         elif mtype == C.MSG_POINTER_EVENT:
             if avail < 6:
                 return False
@@ -891,6 +891,19 @@ class ServerConnection:
     def _write_fence(self, flags: int, payload: bytes) -> None:
         self._write(bytes((C.MSG_SERVER_FENCE, 0, 0, 0)) + _U32.pack(flags)
                     + bytes((len(payload),)) + payload)
+
+
+#: What :meth:`ServerConnection._process` runs in each state (built once, not per call).
+_STATE_HANDLERS: dict[ConnState, Callable[[ServerConnection], bool]] = {
+    ConnState.VERSION: ServerConnection._h_version,
+    ConnState.SECURITY: ServerConnection._h_security,
+    ConnState.VNC_AUTH: ServerConnection._h_vnc_auth,
+    ConnState.VENCRYPT_VERSION: ServerConnection._h_vencrypt_version,
+    ConnState.VENCRYPT_SUBTYPE: ServerConnection._h_vencrypt_subtype,
+    ConnState.PLAIN_AUTH: ServerConnection._h_plain_auth,
+    ConnState.INIT: ServerConnection._h_init,
+    ConnState.NORMAL: ServerConnection._h_message,
+}
 
 
 def _check_size(width: int, height: int) -> None:

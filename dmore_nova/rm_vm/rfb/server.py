@@ -232,6 +232,13 @@ class Viewer(asyncio.Protocol):
     def _handle(self, event: object) -> None:
         display = self.server.display
         match event:
+            # Input first: it is what a viewer sends most, and the key press latency path.
+            case KeyInput():
+                if not self.view_only and self.server.sink is not None:
+                    self.server.sink.key(event)
+            case PointerInput():
+                if not self.view_only and self.server.sink is not None:
+                    self.server.sink.pointer(event)
             case ev.ClientInit(shared=shared):
                 if self._handshake_timer:
                     self._handshake_timer.cancel()
@@ -248,12 +255,6 @@ class Viewer(asyncio.Protocol):
                     self.dirty.add(rect.clip(display.width, display.height))
                 self.pending_request = True
                 self._schedule_send()
-            case KeyInput():
-                if not self.view_only and self.server.sink is not None:
-                    self.server.sink.key(event)
-            case PointerInput():
-                if not self.view_only and self.server.sink is not None:
-                    self.server.sink.pointer(event)
             case ev.ClientCutText():
                 LOG.debug("rfb %s: cut text ignored (%d bytes)", self.peer, len(event.text))
             case ev.SetDesktopSize(width=w, height=h):

@@ -21,7 +21,6 @@ import array
 import errno
 import logging
 import os
-import select
 import socket
 import threading
 from collections.abc import Sequence
@@ -42,9 +41,6 @@ DEFAULT_TIMEOUT = 30.0
 microseconds; seconds mean it is wedged."""
 
 _RECV_SIZE = 65536
-#: Posted requests whose replies may wait unread before a post reads them (a reply is ~30
-#: bytes, so this stays far below the socket buffer; reading costs ~20 us, so not every time).
-POSTED_DRAIN = 32
 _ANC_SIZE = socket.CMSG_SPACE(hc.SIM_MAX_FDS * array.array("i").itemsize)
 
 
@@ -66,7 +62,6 @@ class HypercallConnection:
         self._replies: list[hc.Reply] = []
         self._fds: list[int] = []
         self._next_id = 1
-        self._posted: set[int] = set()
         self.closed = False
         info, _ = self.call(SimOp.hello, version=hc.SIM_PROTOCOL_VERSION)
         self.domid: int = info["domid"]
@@ -100,60 +95,24 @@ class HypercallConnection:
             raise XenError(-reply.rc, reply.reason or os.strerror(-reply.rc))
         return reply.result, fds
 
-    def post(self, op: SimOp, **args: Any) -> None:
-        """Send a request without waiting for its reply (for EVTCHNOP_send).
-
-        Why: a real ``EVTCHNOP_send`` is a hypercall of a microsecond, while a round trip to the
-        sim host process costs two context switches (~45 us here), which would dominate the
-        key -> guest-ring latency the benchmarks measure.  The host still executes posted
-        requests in order with the others; their replies are consumed later (errors logged), as
-        ``notify`` results are ignored by every caller anyway.
-        """
-        with self._lock:
-            if self.closed:
-                raise XenError(errno.EPIPE, "hypercall connection closed")
-            req_id = self._next_id
-            self._next_id = (self._next_id + 1) & 0xFFFFFFFF or 1
-            self._posted.add(req_id)
-            try:
-                self._sock.sendall(hc.encode_request(op, req_id, **args))
-                if len(self._posted) >= POSTED_DRAIN:
-                    self._receive(block=False)  # keep the host's reply stream from backing up
-            except (OSError, hc.ProtocolError) as e:
-                self._fail()
-                raise XenError(errno.EPIPE, f"{op.name}: sim host connection failed: {e}") from e
-
-    def _receive(self, block: bool) -> None:
-        """Read what the host sent; replies to posted requests are dropped (fds closed)."""
-        while True:
-            if not block and not select.select([self._sock], [], [], 0)[0]:
-                return
-            data, anc, _flags, _ = self._sock.recvmsg(_RECV_SIZE, _ANC_SIZE)
-            for level, kind, payload in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds = array.array("i")
-                    fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
-                    self._fds.extend(fds)
-            if not data:
-                raise ConnectionResetError("sim host closed the connection")
-            for msg in self._decoder.feed(data):
-                if not isinstance(msg, hc.Reply):
-                    raise hc.ProtocolError("host sent a request")
-                if msg.req_id in self._posted:
-                    self._posted.discard(msg.req_id)
-                    for fd in self._fds[:msg.nr_fds]:
-                        os.close(fd)
-                    del self._fds[:msg.nr_fds]
-                    if msg.rc < 0:
-                        LOG.info("posted %s failed: %s", msg.op.name, msg.reason or -msg.rc)
-                    continue
-                self._replies.append(msg)
-            if block:
-                return
+    def _receive(self) -> None:
+        """Read what the host sent (blocking): replies, and the fds that came with them."""
+        data, anc, _flags, _ = self._sock.recvmsg(_RECV_SIZE, _ANC_SIZE)
+        for level, kind, payload in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds = array.array("i")
+                fds.frombytes(payload[:len(payload) - len(payload) % fds.itemsize])
+                self._fds.extend(fds)
+        if not data:
+            raise ConnectionResetError("sim host closed the connection")
+        for msg in self._decoder.feed(data):
+            if not isinstance(msg, hc.Reply):
+                raise hc.ProtocolError("host sent a request")
+            self._replies.append(msg)
 
     def _wait(self, req_id: int) -> tuple[hc.Reply, list[int]]:
         while not self._replies:
-            self._receive(block=True)
+            self._receive()
         reply = self._replies.pop(0)
         if reply.req_id != req_id or reply.nr_fds > len(self._fds):
             raise hc.ProtocolError(f"reply {reply.req_id} ({reply.nr_fds} fds) does not match "
@@ -212,11 +171,24 @@ class SimEventChannels(api.EventChannels):
         return res["port"]
 
     def notify(self, port: int) -> None:
+        """``xenevtchn_notify``: one datagram on this handle's own socket, no reply.
+
+        Why not a hypercall request: libxenevtchn notifies with an ioctl on the evtchn fd,
+        a microsecond, and a key press pays for it; a request on the hypercall socket is a
+        round trip (~45 us here) or leaves a reply to be read later.  The host executes the
+        datagram as ``EVTCHNOP_send``.  If the host is so far behind that the socket is full,
+        the notify falls back to the synchronous request: slower, never lost.
+        """
         # Linux's evtchn driver refuses a port this file did not bind (ENOTCONN) before any
-        # hypercall; then the send itself is posted (see HypercallConnection.post).
+        # hypercall.
         if port not in self._ports:
             raise XenError(errno.ENOTCONN, f"port {port} is not bound by this handle")
-        self._conn.post(SimOp.EVTCHNOP_send, handle=self.handle, port=port)
+        try:
+            self._sock.send(hc.encode_delivery(port))
+        except BlockingIOError:
+            self._conn.call(SimOp.EVTCHNOP_send, handle=self.handle, port=port)
+        except OSError as e:
+            raise XenError(e.errno or errno.EPIPE, f"event channel notify: {e}") from e
 
     def pending(self) -> int | None:
         try:
