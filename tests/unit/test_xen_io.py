@@ -236,6 +236,23 @@ def test_exactly_full_is_not_hostile():
 
 
 @settings(max_examples=300)
+@given(st.integers(0, 2 * KBD_IN_LEN), st.integers(0, KBD_IN_LEN), st.integers(1, 60))
+def test_kbd_in_put_near_the_wrap_never_overwrites_an_unread_slot(back, fill, n):
+    """ring_put only scans for slot sharing while the unread window crosses 2**32: whatever the
+    window, every unread event must come out intact, followed by what was written."""
+    cons = (U32 - back) % U32
+    mv = page()
+    set_idx(mv, 0, cons)
+    set_idx(mv, 4, cons)
+    unread = keys(fill, 1)
+    accepted = kbd_in_put(mv, unread)  # fewer than `fill` if the wrap made a slot shared
+    assert get_idx(mv, 4) == (cons + accepted) % U32
+    more = keys(n, 500)
+    written = kbd_in_put(mv, more)
+    assert kbd_in_get(mv) == unread[:accepted] + more[:written]
+
+
+@settings(max_examples=300)
 @given(U32S, U32S, st.integers(0, 60))
 def test_kbd_in_put_never_touches_outside_ring(cons, prod, n):
     """Whatever the indices: RingError, or writes confined to the in ring slots and in_prod."""
