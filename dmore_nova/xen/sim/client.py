@@ -10,7 +10,8 @@ Everything goes through :class:`HypercallConnection`, a blocking client of the d
 share it).  Event delivery does *not* share that stream: each event-channel handle has its own
 ``SOCK_SEQPACKET`` socket, handed over by the host, carrying one fired port per datagram, so
 its readability is exactly "a port has fired" and a synchronous call can never swallow an
-event.
+event.  The same socket carries the handle's notifies the other way (one local port per
+datagram, no reply), as libxenevtchn notifies with an ioctl on the evtchn fd.
 
 :class:`SimToolstack` is the dom0 toolstack (``xl``'s role): create, destroy, pause, set target.
 """

@@ -365,8 +365,9 @@ class Decoder:
 # -- event delivery --------------------------------------------------------------------------------
 
 EVTCHN_DELIVERY = struct.Struct("<I")
-"""What the host writes to an event-channel delivery socket (SOCK_SEQPACKET): one fired local
-port per datagram, as ``read()`` on ``/dev/xen/evtchn`` yields ``evtchn_port_t`` values."""
+"""What travels on an event-channel handle's socket (SOCK_SEQPACKET), one local port per
+datagram: host to client, a fired port, as ``read()`` on ``/dev/xen/evtchn`` yields
+``evtchn_port_t`` values; client to host, a notify of that port (``IOCTL_EVTCHN_NOTIFY``)."""
 
 
 def encode_delivery(port: int) -> bytes:
