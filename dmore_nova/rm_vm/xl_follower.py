@@ -7,18 +7,20 @@ xenstore, and a dom0-hosted agent can follow a *localhost* migration from there,
 agent's own co-migration hooks (:meth:`RMAgent.freeze`, :meth:`~RMAgent.rehome`,
 :meth:`~RMAgent.thaw`, :meth:`~RMAgent.refresh`).
 
-What xl (Xen 4.17, ``xl migrate -s "" guest "xl migrate-receive"``) writes, in order, and what
-each observation means (seen on the xenbox, ``shared/notes/xenbox.md``):
+What xl (Xen 4.17, ``xl migrate -s "" guest "xl migrate-receive"``) writes, in the order seen on
+the xenbox (``shared/notes/xenbox.md``), and what each observation means:
 
-1. ``@introduceDomain`` fires and a domain named ``<name>--incoming`` exists: the receiving
-   side created the *incoming domain* (paused; memory arrives during pre-copy).  Its vfb is
-   plugged now, so the resumed xen-fbfront finds ``device/vfb/<devid>`` and reconnects (plugged
-   after the resume, Linux keeps its stale vfb device and never probes the new node).
-2. ``/local/domain/<old>/control/shutdown`` becomes ``suspend`` (libxl's request), then ``""``
+1. ``/local/domain/<old>/control/shutdown`` becomes ``suspend`` (libxl's request), then ``""``
    (the guest's acknowledgement, which may be the first value we read: watch events coalesce):
    the *suspend was requested*.  Input is held in order from here on (:meth:`RMAgent.freeze`);
-   keys written into the ring after this point could land in a page the resumed frontend zeroes.
-   Another request (``poweroff``, ``reboot``, ...) followed by ``""`` is not a suspend.
+   keys written into the ring after this point could land in a page the resumed frontend
+   zeroes.  Another request (``poweroff``, ``reboot``, ...) followed by ``""`` is not a suspend.
+2. ``@introduceDomain`` fires and a domain named ``<name>--incoming`` exists: the receiving
+   side's *incoming domain* (paused; seen 1.5 s after the suspend request: libxl introduces
+   the restored domain to xenstored once its memory arrived).  Its vfb is plugged now, so the
+   resumed xen-fbfront finds ``device/vfb/<devid>`` and reconnects (plugged after the resume,
+   Linux keeps its stale vfb device and never probes the new node).  The domains are also
+   looked at on the suspend request, in case the name came after the introduction.
 3. The incoming domain's ``name`` becomes ``<name>``: xl renamed it and unpauses it right after
    (``migrate_receive``: rename, then unpause; the unpause itself is not in xenstore).  The old
    domain is suspended for good by then.  The agent *re-homes* to the new domid (new backends;
@@ -39,9 +41,10 @@ feeds the tracker and runs the agent's hooks.  ``dmore-rm-agent`` runs one when
 ``[agent] follow_xl_migrate`` is set.
 
 Limits: a localhost migration only (a dom0 agent cannot follow its guest to another host: the
-RM VM does that); one guest per agent, identified by its xl name; a migration whose incoming
-domain never shows up on this host leaves input held until the guest comes back or the agent
-stops (logged).
+RM VM does that); one guest per agent, identified by its xl name; a suspend that no incoming
+domain on this host follows (``xl save``, a migration to another host) leaves input held until
+the agent stops (the freeze is logged); an incoming domain that goes away before it is started
+thaws it.
 """
 
 from __future__ import annotations

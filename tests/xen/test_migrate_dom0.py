@@ -30,6 +30,10 @@ from tests.xen.screen import picture_problems
 KEY_INTERVAL = 0.4
 #: Longest marker typed (the tty1 line is 100 columns; the command must fit on one).
 MAX_MARKER = 80
+#: Keys of the marker kept for the switchover: once this few are left, typing pauses until
+#: the agent saw the suspend request (a slow xl -- 60 s on a loaded machine -- would otherwise
+#: let the typer finish before the guest suspends, and nothing would be held).
+SWITCHOVER_KEYS = 30
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +62,21 @@ def test_typing_continues_through_xl_migrate(served: ServedGuest, vncdotool_conn
     migrated = threading.Event()
     errors: list[BaseException] = []
 
+    def suspend_seen() -> bool:
+        try:
+            return any(e["what"] == "suspend-requested" for e in served.status()["events"])
+        except (OSError, ValueError, KeyError):
+            return False
+
     def typer() -> None:
         try:
             c.type("echo MIG")
             for ch in itertools.cycle(string.ascii_lowercase + string.digits):
                 if migrated.is_set() or len(typed) >= MAX_MARKER:
                     break
+                while (len(typed) >= MAX_MARKER - SWITCHOVER_KEYS and not migrated.is_set()
+                       and not suspend_seen()):
+                    time.sleep(0.1)
                 c.type(ch)
                 typed.append(ch)
                 time.sleep(KEY_INTERVAL)
