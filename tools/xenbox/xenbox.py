@@ -72,6 +72,10 @@ BOOT_FAILURES = (b"Dom0 crashed", b"Kernel panic", b"KVM internal error", b"Pani
                  b"(XEN) ****************")
 #: The dom0 address QEMU's user network gives the guest side of host forwards.
 DOM0_IP = "10.0.2.15"
+#: The RM VM's address (tools/xenbox/rmvm.cfg; routed through dom0 by rmvm-vif) and the port
+#: its agent listens on: every box forwards a host port to it (``XenBox.guest_ports``).
+RMVM_IP = "10.0.2.16"
+RMVM_RFB_PORT = 5900
 
 
 def log(msg: str) -> None:
@@ -186,6 +190,9 @@ class Artefacts:
     def disk(self) -> Path:
         return self.image_dir / "dom0.img"
 
+    #: The RM VM's initramfs (stage ``rmvm-initrd``); None if not built.
+    rmvm_initrd: Path | None = None
+
 
 def build(cache: Path | None = None, *, fresh: bool = False,
           install_host_deps: bool = True) -> Artefacts:
@@ -241,7 +248,18 @@ def build(cache: Path | None = None, *, fresh: bool = False,
     def make_image(tmp: Path) -> None:
         _run([HERE / "image.sh", rootfs_path, initrd_path / "initrd.gz", tmp])
     image_path, timings["image"] = image.build(make_image, fresh=fresh)
-    return Artefacts(image_path, timings)
+
+    # The RM VM's initramfs (busybox, the modules it loads, rmvm-init); its root filesystem
+    # is dom0's image (a second, read-only drive), so it needs nothing else from the rootfs.
+    rmvm = Stage("rmvm-initrd", _digest([rootfs.key, busybox, HERE / "rmvm-initrd.sh",
+                                         HERE / "rmvm-init"]), cache)
+
+    def make_rmvm(tmp: Path) -> None:
+        _run([HERE / "rmvm-initrd.sh", rootfs_path, busybox, tmp])
+    rmvm_path, timings["rmvm-initrd"] = rmvm.build(make_rmvm, fresh=fresh)
+    art = Artefacts(image_path, timings)
+    art.rmvm_initrd = rmvm_path / "initrd.gz"
+    return art
 
 
 # -- boot ------------------------------------------------------------------------------------
@@ -276,6 +294,8 @@ class XenBox:
         self.run_dir = run_dir or cache_dir() / f"run-{os.getpid()}-{secrets.token_hex(3)}"
         self.box_dir = self.run_dir / "box"  # /mnt/box in dom0
         self.ports = {p: free_port() for p in forwards}
+        #: (address, port) behind dom0 -> host port: the RM VM's RFB port.
+        self.guest_ports = {(RMVM_IP, RMVM_RFB_PORT): free_port()}
         self.mem_mb, self.smp, self.dom0_mem = mem_mb, smp, dom0_mem
         self.proc: subprocess.Popen | None = None
         self.serial_log = self.run_dir / "serial.log"
@@ -293,7 +313,9 @@ class XenBox:
         xen_cmd = (f"console=com1 com1=115200,8n1 dom0_mem={self.dom0_mem},max:{self.dom0_mem}"
                    " loglvl=all guest_loglvl=all noreboot")
         dom0_cmd = "console=hvc0 earlyprintk=xen root=/dev/vda rw"
-        fwd = ",".join(f"hostfwd=tcp:127.0.0.1:{h}-{DOM0_IP}:{g}" for g, h in self.ports.items())
+        fwd = ",".join([f"hostfwd=tcp:127.0.0.1:{h}-{DOM0_IP}:{g}" for g, h in self.ports.items()]
+                       + [f"hostfwd=tcp:127.0.0.1:{h}-{ip}:{g}"
+                          for (ip, g), h in self.guest_ports.items()])
         a = self.art
         return [
             "qemu-system-x86_64", "-accel", "tcg,thread=multi", "-cpu", "qemu64,+svm",
@@ -304,6 +326,8 @@ class XenBox:
             "-kernel", str(a.xen), "-append", xen_cmd,
             "-initrd", f"{a.vmlinuz} {dom0_cmd},{a.initrd}",
             "-drive", f"file={a.disk},if=virtio,format=raw,cache=unsafe",
+            # /dev/vdb in dom0: the same image again, read-only: the RM VM's root disk
+            "-drive", f"file={a.disk},if=virtio,format=raw,readonly=on",
             "-virtfs", f"local,path={self.share},mount_tag=src,security_model=none,readonly=on",
             "-virtfs", f"local,path={self.box_dir},mount_tag=box,security_model=none",
             "-nic", "user,model=virtio-net-pci" + ("," + fwd if fwd else ""),

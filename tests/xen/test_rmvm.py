@@ -1,0 +1,144 @@
+"""Issue 5 §3 on real Xen 4.17: the RM agent in its own VM (Domain M), not in dom0.
+
+The RM VM is a PV domU (dom0's kernel, dom0's image read-only as its root disk, the project's
+source in its initramfs; tools/xenbox/rmvm*).  dom0 gives it privilege over the guest the way
+libxl does for a stub domain (``xc_domain_set_target`` + ``XS_SET_TARGET``); the guest's
+``vkb=[backend=rmvm,...]`` puts the vkb backend under the RM VM's own xenstore directory; the
+agent inside the RM VM (xenstore through /dev/xen/xenbus, gntdev, evtchn, privcmd) serves it
+and plugs the guest's vfb with itself as the backend.  From the host, vncdotool connects to the
+RM VM's own address (QEMU forwards a host port to 10.0.2.16, routed through dom0), types into
+the guest's tty1 shell, and must see the guest's screen.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.xen.dom0 import wait_for
+from tests.xen.rmvm import (
+    RMVM_IP,
+    RMVM_RFB_PORT,
+    RmvmGuest,
+    probe_pv_target,
+    start_rmvm,
+    start_rmvm_guest,
+    stop_rmvm_guest,
+)
+from tests.xen.screen import TextScreen, picture_problems
+
+COMMAND = "echo RMV$((6*7))Q >/dev/hvc0; echo SCR$((5*5))Q"
+HVC0_MARKER = "RMV42Q"
+SCREEN_OUTPUT = "SCR25Q"
+
+
+@pytest.fixture(scope="module")
+def rmvm_setup(xenbox) -> tuple[RmvmGuest, dict, dict]:
+    from tests.xen.conftest import TIMINGS
+    stage = xenbox.art.rmvm_initrd
+    t0 = time.monotonic()
+    rm = start_rmvm(xenbox, stage)
+    TIMINGS["RM VM created + runner ready"] = time.monotonic() - t0
+    pv = probe_pv_target(xenbox, rm)
+    t1 = time.monotonic()
+    g, target = start_rmvm_guest(xenbox, stage, xenbox.guest_ports[(RMVM_IP, RMVM_RFB_PORT)],
+                                 rmvm=rm)
+    TIMINGS["PVH guest + target + agent in RM VM + tty1"] = time.monotonic() - t1
+    yield g, target, pv
+    log = stop_rmvm_guest(g)
+    (Path(xenbox.run_dir) / "rmvm-console.log").write_text(log)
+
+
+@pytest.fixture(scope="module")
+def served(rmvm_setup) -> RmvmGuest:
+    return rmvm_setup[0]
+
+
+def last_screen(g: RmvmGuest, pred) -> TextScreen:
+    def find():
+        for s in reversed(g.screens()):
+            if pred(s):
+                return s
+        return None
+    return wait_for(find, 120, "the guest's text screen to show it")
+
+
+def test_xen_refuses_a_pv_target_and_accepts_the_pvh_guest(rmvm_setup):
+    """The one piece of §3 Xen 4.17 does not allow: a PV domain as a set_target target (so a
+    domU backend cannot foreign-map a PV guest's framebuffer).  xenstored's half works."""
+    _g, target, pv = rmvm_setup
+    assert pv["xen"].endswith("ENOTSUP (Operation not supported)"), pv
+    assert pv["xenstore"] == "ok", pv
+    assert target == {**target, "xen": "ok", "xenstore": "ok", "vfb_dirs": "ok"}, target
+
+
+def test_devices_served_by_the_rm_vm(served: RmvmGuest):
+    d, rm = served.domid, served.rmvm_domid
+    assert rm not in (0, d)
+    assert served.xs_read(f"/local/domain/{rm}/target") == str(d)
+    # libxl put the vkb backend in the RM VM's directory (backend= names the RM VM) ...
+    vkbd_be = f"/local/domain/{rm}/backend/vinput/{d}/0"
+    assert served.xs_read(f"/local/domain/{d}/device/vkbd/0/backend") == vkbd_be
+    assert served.xs_read(f"/local/domain/{d}/device/vkbd/0/backend-id") == str(rm)
+    assert served.xs_read(f"{vkbd_be}/state") == "4"
+    assert served.xs_read(f"/local/domain/{d}/device/vkbd/0/state") == "4"
+    assert served.xs_read(f"/local/domain/{d}/device/vkbd/0/request-abs-pointer") == "1"
+    # ... and the agent in the RM VM plugged the vfb with itself as the backend.
+    vfb_be = f"/local/domain/{rm}/backend/vfb/{d}/0"
+    assert served.xs_read(f"/local/domain/{d}/device/vfb/0/backend") == vfb_be
+    assert served.xs_read(f"/local/domain/{d}/device/vfb/0/backend-id") == str(rm)
+    assert served.xs_read(f"{vfb_be}/state") == "4"
+    assert served.xs_read(f"/local/domain/{d}/device/vfb/0/state") == "4"
+    # nothing in dom0 serves the guest's console
+    assert served.xs_tree(f"/local/domain/0/backend/vinput/{d}") == {}
+    assert served.xs_tree(f"/local/domain/0/backend/vfb/{d}") == {}
+    assert served.qemu_for_guest() == ""
+    log = served.rmvm_log()
+    assert f"console on 0.0.0.0:{RMVM_RFB_PORT} (backend dom{rm})" in log
+    assert f"vkbd-{d}-0: connected (mapped + bound port" in log
+    assert f"vfb-{d}-0: connected (mapped + bound port" in log
+    glog = served.console_log()
+    assert "XENBOX-FB0 xen 800,600" in glog
+    assert "XENBOX-TTY1-SHELL" in glog
+
+
+def test_vncdotool_types_through_the_agent_in_the_rm_vm(served: RmvmGuest, vncdotool_connect,
+                                                        xenbox):
+    c = vncdotool_connect("127.0.0.1", served.rfb_port, timeout=90)
+    info = c.info()
+    assert (info["width"], info["height"]) == (800, 600)
+    prompt = last_screen(served, lambda s: s.lines[s.cursor[0]].startswith("guest# "))
+    row = prompt.cursor[0]
+
+    c.type(COMMAND)
+    c.key("enter")
+    wait_for(lambda: HVC0_MARKER in served.console_log(), 120, "the hvc0 marker in dom0")
+    screen = last_screen(served, lambda s: any(line.rstrip() == SCREEN_OUTPUT
+                                               for line in s.lines)
+                         and s.lines[s.cursor[0]].rstrip() == "guest#")
+    text = [line.rstrip() for line in screen.lines]
+    out_row = text.index(SCREEN_OUTPUT)
+    assert text[out_row - 1] == "guest# " + COMMAND, text[max(0, out_row - 2):out_row + 2]
+    assert out_row >= row + 1
+    assert sum(line.count(COMMAND) for line in text) == 1
+
+    last: list[np.ndarray] = []
+
+    def client_shows_it():
+        last[:] = [c.capture()]
+        return not picture_problems(last[0], screen)
+    try:
+        wait_for(client_shows_it, 90, "the client's picture to match the guest's screen",
+                 interval=1.0)
+    finally:
+        if last:
+            Image.fromarray(last[0]).save(Path(xenbox.run_dir) / "rmvm-vncdotool.png")
+    assert picture_problems(last[0], screen) == []
+    # The viewer's session is the RM VM's: the agent there logged it, and it is still open.
+    log = served.rmvm_log()
+    assert log.count("session started") == 1 and ": closed:" not in log
+
