@@ -12,6 +12,10 @@ the guest's tty1 shell, and must see the guest's screen.
 
 from __future__ import annotations
 
+import itertools
+import json
+import string
+import threading
 import time
 from pathlib import Path
 
@@ -142,3 +146,103 @@ def test_vncdotool_types_through_the_agent_in_the_rm_vm(served: RmvmGuest, vncdo
     log = served.rmvm_log()
     assert log.count("session started") == 1 and ": closed:" not in log
 
+
+#: One key per this many seconds while the pair migrates (two xl migrates: 3-4 min measured;
+#: MAX_MARKER keys at this pace span both).
+KEY_INTERVAL = 2.5
+#: Longest marker typed (the tty1 line is 100 columns; the command must fit on one).
+MAX_MARKER = 80
+
+
+def test_co_migration_keeps_the_viewer_connected(served: RmvmGuest, vncdotool_connect,
+                                                 xenbox):
+    """Both ``xl migrate``d (RM VM first, then the guest; tests/xen/rmvm_comigrate.py says
+    why) while vncdotool keeps typing: the viewer's TCP connection ends in the RM VM, so it
+    survives because the RM VM migrated; every key reaches the guest once, in order."""
+    from tests.xen.conftest import TIMINGS
+    c = vncdotool_connect("127.0.0.1", served.rfb_port, timeout=90)
+    last_screen(served, lambda s: s.lines[s.cursor[0]].rstrip() == "guest#")
+    before = served.rmvm_log()
+    sessions, closed = before.count("session started"), before.count(": closed:")
+    old_g, old_r = served.domid, served.rmvm_domid
+
+    typed: list[str] = []
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def typer() -> None:
+        try:
+            c.type("echo CMIG")
+            for ch in itertools.cycle(string.ascii_lowercase + string.digits):
+                if done.is_set() or len(typed) >= MAX_MARKER:
+                    break
+                c.type(ch)
+                typed.append(ch)
+                time.sleep(KEY_INTERVAL)
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            errors.append(exc)
+
+    t = threading.Thread(target=typer, name="typer")
+    t.start()
+    time.sleep(3)
+    t0 = time.monotonic()
+    r = served.sh("cd /mnt/src; PYTHONPATH=/mnt/src PYTHONDONTWRITEBYTECODE=1"
+                  " python3 -m tests.xen.rmvm_comigrate --rmvm rmvm --guest guest", 1800,
+                  check=False)
+    TIMINGS["co-migration (RM VM, then guest)"] = time.monotonic() - t0
+    time.sleep(3)
+    done.set()
+    t.join(120)
+    (Path(xenbox.run_dir) / "rmvm-comigrate.out").write_text(r.output)
+    assert not errors, errors
+    res = json.loads(r.output.strip().splitlines()[-1])
+    assert r.rc == 0 and "error" not in res, r.output[-4000:]
+    steps = {s["what"]: s for s in res["steps"]}
+    for what in ("prepare", "xl migrate rmvm", "target for the incoming guest",
+                 "xl migrate guest", "agent re-homed"):
+        TIMINGS[f"  {what}"] = steps[what]["seconds"]
+    new_r, new_g = res["rmvm_new"], res["guest_new"]
+    assert new_r != old_r and new_g != old_g
+    assert res["grant"] == {"xen": "ok", "xenstore": "ok", "vfb_dirs": "ok"}, res["grant"]
+    ack = steps["agent re-homed"]["ack"]
+    assert ack["state"] == "done" and ack["new"] == new_g and ack["backend"] == new_r, ack
+    assert ack["held_dropped"] == 0 and ack["vkbd_dropped"] == 0, ack
+    assert ack["abs_pointer"] is True, ack
+    served.domid, served.rmvm_domid = new_g, new_r
+
+    c.type(" >/dev/hvc0")
+    c.key("enter")
+    marker = "CMIG" + "".join(typed)
+    assert len(typed) > 10, typed
+    wait_for(lambda: marker + "\n" in served.console_log().replace("\r", ""), 120,
+             f"{marker} on hvc0")
+    assert served.console_log().replace("\r", "").count(marker) == 1
+
+    # the new pair: backends in the new RM VM's directory, connected
+    fe_k, fe_f = f"/local/domain/{new_g}/device/vkbd/0", f"/local/domain/{new_g}/device/vfb/0"
+    assert served.xs_read(f"{fe_k}/backend") == f"/local/domain/{new_r}/backend/vinput/{new_g}/0"
+    assert served.xs_read(f"{fe_f}/backend") == f"/local/domain/{new_r}/backend/vfb/{new_g}/0"
+    for path in (f"{fe_k}/state", f"{fe_f}/state",
+                 f"/local/domain/{new_r}/backend/vinput/{new_g}/0/state",
+                 f"/local/domain/{new_r}/backend/vfb/{new_g}/0/state"):
+        assert served.xs_read(path) == "4", path
+    assert served.xs_tree(f"/local/domain/{old_r}") == {}
+
+    # the viewer was never disconnected: no new session, no close, in the RM VM's log
+    log = served.rmvm_log()
+    assert log.count("session started") == sessions and log.count(": closed:") == closed, \
+        log[-3000:]
+    screen = wait_for(lambda: next((s for s in reversed(served.screens())
+                                    if any(marker in line for line in s.lines)
+                                    and s.lines[s.cursor[0]].rstrip() == "guest#"), None),
+                      120, "the guest's screen with the command and a new prompt")
+    last: list[np.ndarray] = []
+
+    def client_shows_it() -> bool:
+        last[:] = [c.capture()]
+        return not picture_problems(last[0], screen)
+    try:
+        wait_for(client_shows_it, 90, "the client's picture to match the guest's screen", 1.0)
+    finally:
+        if last:
+            Image.fromarray(last[0]).save(Path(xenbox.run_dir) / "rmvm-after-comigrate.png")
