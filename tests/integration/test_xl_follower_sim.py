@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 KC = keymap.LINUX_KEYCODES
 
 
-def wait(pred, what: str, timeout: float = 15.0):
+def wait(pred, what: str, timeout: float = 60.0):
     deadline = time.monotonic() + timeout
     while not (v := pred()):
         if time.monotonic() > deadline:
