@@ -69,8 +69,10 @@ class Stack:
         ready = json.loads(self.proc.stdout.readline() or "{}")
         assert ready.get("ready"), self.guest_log.read_text()
         self.ctl = GuestControl(self.ctl_path)
-        wait_for(lambda: self.ctl.status()["vfb"]["state"] == "Connected"
-                 and self.ctl.status()["vkbd"]["state"] == "Connected", what="devices connected")
+        # The guest reports a device as None until its frontend exists (a loaded machine can
+        # take seconds to get there).
+        wait_for(lambda: all((self.ctl.status()[d] or {}).get("state") == "Connected"
+                             for d in ("vfb", "vkbd")), timeout=60, what="devices connected")
 
     def framebuffer(self) -> np.ndarray:
         return self.lt.call(lambda: rgb(self.agent.display.framebuffer().copy()))
