@@ -47,7 +47,6 @@ Run (exclusive box lock, a quiet machine):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import random
@@ -56,7 +55,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -65,6 +63,7 @@ if str(REPO) not in sys.path:
 import benchmeta  # noqa: E402
 from rfb_client import ENC_DESKTOPSIZE, ENC_RAW, RFBClient, RFBError, Update  # noqa: E402
 
+from tests.xen.conftest import load_xenbox  # noqa: E402
 from tests.xen.dom0 import (  # noqa: E402
     GUEST,
     GUEST_LOG,
@@ -97,19 +96,6 @@ MIGRATE_TIMEOUT = 300.0
 RECONNECT_TIMEOUT = 120.0
 #: How long a key may wait for its echo while xl migrates (dmore holds input 4-8 s).
 MIGRATE_ECHO_TIMEOUT = 60.0
-
-
-def load_xenbox() -> ModuleType:
-    """tools/xenbox/xenbox.py (a stand-alone script, not a package)."""
-    name = "dmore_xenbox_tool"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / "xenbox" / "xenbox.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # -- the paths under test ---------------------------------------------------------------------

@@ -16,9 +16,12 @@ from dmore_nova.xen.sim.kernel import SimKernel
 PAGE = 4096
 
 
-def plug(xs0, fe: int, be: int, kind: str, devid: int = 0) -> None:
-    """Write the backend and frontend dirs as the toolstack does (dom0 rights)."""
-    bp = f"/local/domain/{be}/backend/{kind}/{fe}/{devid}"
+def plug(xs0, fe: int, be: int, kind: str, devid: int = 0, *,
+         backend_kind: str | None = None) -> str:
+    """Write the backend and frontend dirs as the toolstack does (dom0 rights); returns the
+    backend path.  ``backend_kind`` names the backend dir when it differs from the device's
+    (libxl's ``vkb=['backend-type=linux']``: ``backend/vinput`` for ``device/vkbd``)."""
+    bp = f"/local/domain/{be}/backend/{backend_kind or kind}/{fe}/{devid}"
     fp = f"/local/domain/{fe}/device/{kind}/{devid}"
     # As libxl: every node of the backend dir owned by the backend domain and readable by the
     # frontend, and the other way round.
@@ -30,6 +33,7 @@ def plug(xs0, fe: int, be: int, kind: str, devid: int = 0) -> None:
         for k, v in keys:
             xs0.write(f"{base}/{k}", str(v))
             xs0.set_perms(f"{base}/{k}", [f"n{owner}", f"r{reader}"])
+    return bp
 
 
 class ManualKbd:

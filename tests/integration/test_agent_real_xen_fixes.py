@@ -50,17 +50,7 @@ def wait(pred: Callable[[], object], what: str, timeout: float = 10.0) -> None:
 def plug_vinput(xs0, fe: int, be: int = 0, devid: int = 0) -> str:
     """What libxl writes for ``vkb=['backend-type=linux']`` (seen on Xen 4.17): backend dir
     ``backend/vinput``, frontend dir ``device/vkbd``, the same permissions as any device."""
-    bp = f"/local/domain/{be}/backend/vinput/{fe}/{devid}"
-    fp = f"/local/domain/{fe}/device/vkbd/{devid}"
-    for base, owner, reader, keys in (
-            (bp, be, fe, (("frontend", fp), ("frontend-id", fe), ("online", 1), ("state", 1))),
-            (fp, fe, be, (("backend", bp), ("backend-id", be), ("state", 1)))):
-        xs0.mkdir(base)
-        xs0.set_perms(base, [f"n{owner}", f"r{reader}"])
-        for k, v in keys:
-            xs0.write(f"{base}/{k}", str(v))
-            xs0.set_perms(f"{base}/{k}", [f"n{owner}", f"r{reader}"])
-    return bp
+    return plug(xs0, fe, be, "vkbd", devid, backend_kind="vinput")
 
 
 class Bed:
