@@ -32,6 +32,7 @@ setup(
             "dmore-rm-agent = dmore_nova.cmd.rm_agent:main",
             "dmore-sim = dmore_nova.xen.sim.supervisor:main",
             "dmore-console-proxy = dmore_nova.console.__main__:main",
+            "dmore-xl-rmvm = dmore_nova.cmd.xl_rmvm:main",
         ],
         "oslo.config.opts": [
             "dmore_nova = dmore_nova.conf:list_opts",

@@ -3,7 +3,9 @@
 Configuration from oslo.config: [agent] (which Xen, which guest) and [rfb] (where viewers
 connect, security).  Logs every device state change.  With ``[agent] follow_xl_migrate`` it
 also follows ``xl migrate`` of its guest (:mod:`dmore_nova.rm_vm.xl_follower`); with
-``[agent] status_file`` it keeps a JSON status file current.
+``[agent] xenstore_control`` (the agent in its RM VM) it takes co-migration requests from dom0
+(:mod:`dmore_nova.rm_vm.xs_control`); with ``[agent] status_file`` it keeps a JSON status file
+current.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from dmore_nova import conf as dconf
 from dmore_nova.rm_vm.agent import RMAgent
 from dmore_nova.rm_vm.rfb.server import options_from_conf
 from dmore_nova.rm_vm.xl_follower import XlMigrationFollower
+from dmore_nova.rm_vm.xs_control import XenstoreControl
 from dmore_nova.xen.api import Xen, XenStore
 
 LOG = logging.getLogger(__name__)
@@ -100,8 +103,15 @@ async def run(conf: cfg.ConfigOpts) -> None:
         follower_xs = make_xenstore(conf)
         follower = XlMigrationFollower(agent, follower_xs, on_step=status_now)
         follower.start()
+    control: XenstoreControl | None = None
+    control_xs: XenStore | None = None
+    if conf.agent.xenstore_control:
+        control_xs = make_xenstore(conf)
+        control = XenstoreControl(agent, control_xs)
+        control.start()
     print(f"dmore-rm-agent: dom{conf.agent.guest_domid} console on {conf.rfb.listen}:{port}"
-          + (f", following xl migrate of {follower.name!r}" if follower else ""), flush=True)
+          + (f", following xl migrate of {follower.name!r}" if follower else "")
+          + (", co-migration requests from dom0 in xenstore" if control else ""), flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -114,10 +124,13 @@ async def run(conf: cfg.ConfigOpts) -> None:
             pass
     if follower is not None:
         follower.stop()
+    if control is not None:
+        await control.stop()
     await agent.stop()
     status_now()
-    if follower_xs is not None:
-        follower_xs.close()
+    for xs in (follower_xs, control_xs):
+        if xs is not None:
+            xs.close()
     xen.close()
 
 

@@ -33,6 +33,15 @@ OPTS = [
                      "waits 10 s and logs 'unable to remove device'). Nothing else tells a "
                      "dom0 agent that its guest migrated: without this, keys typed during "
                      "the migration are lost and the console stays on the old domid."),
+    cfg.BoolOpt("xenstore_control", default=False,
+                help="Take co-migration requests from dom0 through xenstore (real Xen, agent "
+                     "in its own RM VM): dom0 (dmore-xl-rmvm comigrate) writes 'prepare', "
+                     "'resume' or 'incoming <domid> <name>' to the RM VM's "
+                     "data/dmore-migrate and the agent answers in data/dmore-migrate-ack. "
+                     "prepare holds viewers' input and unmaps/unbinds (before xl migrate of "
+                     "the RM VM), resume undoes it, incoming re-homes the agent to the "
+                     "guest's incoming domain. Malformed or out-of-order requests get an "
+                     "error answer and change nothing."),
     cfg.StrOpt("status_file",
                help="Write the agent's state as JSON to this file, atomically, every second "
                     "and after each migration step it follows (guest domid, re-homes, held "

@@ -20,6 +20,9 @@ Co-migration hooks (driven by :mod:`dmore_nova.rm_vm.comigration`):
   guest domid) and keeps its RFB server, viewer sockets, display and pending input; backends
   are re-created for the new guest and re-map/re-bind when its frontends reconnect; what the
   old frontend left unconsumed in its ring is sent again (its resumed self zeroes the page);
+* :meth:`RMAgent.release_devices` / :meth:`RMAgent.reconnect_devices` -- the RM VM's own
+  migration (:mod:`dmore_nova.rm_vm.xs_control`): unmap and unbind before ``xl migrate`` saves
+  it, map and bind the same pages again if it stays;
 * :meth:`RMAgent.thaw` -- held input goes to the vkbd (after what was already queued);
 * :meth:`RMAgent.refresh` -- every viewer gets a full update.
 """
@@ -311,6 +314,37 @@ class RMAgent:
             self.frozen = True
             LOG.info("agent: dom%d input frozen (%d queued in vkbd)", self.guest_domid,
                      len(self.vkbd.queue))
+
+    def release_devices(self) -> None:
+        """Freeze, then let go of every page mapped from the guest and every bound port,
+        keeping the devices' state (Connected stays Connected): the RM VM is about to be
+        saved by ``xl migrate``, and a PV domain with foreign or grant mappings in its page
+        tables cannot be (libxenguest's page-table normalisation finds frames that are not
+        its own).  The guest keeps running and consuming its ring meanwhile; its pages are
+        untouched.  Undone by :meth:`reconnect_devices` + :meth:`thaw` if the RM VM stays,
+        replaced by :meth:`rehome` if it moved."""
+        self.freeze()
+        for dev in self.devices:
+            try:
+                dev.disconnect()
+            except (XenError, OSError) as exc:
+                LOG.warning("agent: %s: releasing: %s", dev.name, exc)
+        LOG.info("agent: dom%d devices released (unmapped, unbound)", self.guest_domid)
+
+    def reconnect_devices(self) -> int:
+        """After :meth:`release_devices`, when the RM VM did not move: map the same pages and
+        bind the same ports again (the frontend did not change them, so the state machine sees
+        nothing to do by itself).  Returns how many devices were reconnected; a device the
+        guest's values no longer fit is closed with the reason, as on any connect."""
+        n = 0
+        for dev in self.devices:
+            if (dev.closed_reason is None and dev.state is XenbusState.Connected
+                    and dev.page is None):
+                self._guard(dev, dev.connect)
+                if dev.closed_reason is None:
+                    n += 1
+                    LOG.info("agent: %s: re-mapped + re-bound port %s", dev.name, dev.port)
+        return n
 
     def input_drained(self) -> bool:
         """Has the guest consumed everything in the vkbd ring?  (True without a ring.)"""

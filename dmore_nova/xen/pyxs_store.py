@@ -333,6 +333,16 @@ class PyxsXenStore(api.XenStore):
         payload = self._request(Op.GET_DOMAIN_PATH, str(domid).encode() + NUL)
         return payload.rstrip(NUL).decode("ascii", "replace")
 
+    def set_target(self, domid: int, target: int) -> None:
+        """``XS_SET_TARGET`` (xs_wire.h; dom0 only): xenstored lets ``domid`` act on
+        ``target``'s nodes as their owner would -- what libxl does for a stub domain
+        (``libxl__spawn_stub_dm``), and dom0 for an RM VM (:mod:`dmore_nova.virt.xl_rmvm`).
+        Not part of :class:`api.XenStore`: only a toolstack in dom0 needs it."""
+        for d in (domid, target):
+            if not 0 <= d < 0x10000:
+                raise api.XenError(errno.EINVAL, f"domid {d} out of range")
+        self._request(Op.SET_TARGET, str(domid).encode() + NUL + str(target).encode() + NUL)
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[api.Transaction]:
         payload = self._request(Op.TRANSACTION_START, NUL)

@@ -111,6 +111,8 @@ XENCTRL_PROTOTYPES: dict[str, Prototype] = {
     "xc_interface_open": (XC_INTERFACE_P, (LOGGER_P, LOGGER_P, C_UINT)),
     "xc_interface_close": (C_INT, (XC_INTERFACE_P,)),
     "xc_domain_getinfo": (C_INT, (XC_INTERFACE_P, UINT32, C_UINT, XC_DOMINFO_P)),
+    # dom0's toolstack side of an RM VM (dmore_nova.xen.real.toolstack): XEN_DOMCTL_set_target
+    "xc_domain_set_target": (C_INT, (XC_INTERFACE_P, UINT32, UINT32)),
 }
 
 
