@@ -78,6 +78,11 @@ LOG = logging.getLogger(__name__)
 RENAME_TIMEOUT = 600.0
 #: Seconds the re-created backends get to connect after the re-home (and after ``resume``).
 CONNECT_TIMEOUT = 120.0
+#: The rename wait is woken by a watch on the incoming domain's ``name``; it also re-reads the
+#: name this often, so that a watch event xenstored does not deliver (it fires only for nodes
+#: the watcher may read, and our read access comes through the target dom0 set) costs seconds,
+#: not the whole :data:`RENAME_TIMEOUT`.  Which of the two saw the rename is logged.
+RENAME_RECHECK = 5.0
 _TOKEN = "dmore-control"
 _NAME_TOKEN = "dmore-control-name"
 
@@ -264,10 +269,16 @@ class XenstoreControl:
                 if remaining <= 0:
                     return False
                 try:
-                    await asyncio.wait_for(self._name_changed.wait(), remaining)
+                    await asyncio.wait_for(self._name_changed.wait(),
+                                           min(remaining, RENAME_RECHECK))
                 except TimeoutError:
-                    return self.xs.read(path) == want
+                    if self.xs.read(path) == want:
+                        LOG.warning("control: dom%d's rename seen by re-reading, no watch "
+                                    "event", domid)
+                        return True
+                    continue
                 self._name_changed.clear()
+            LOG.info("control: dom%d named %r", domid, name)
             return True
         finally:
             try:

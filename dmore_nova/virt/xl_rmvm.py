@@ -337,7 +337,7 @@ class CoMigration:
         return SendRequest(to, self._pending)
 
     def _finish(self, state: State, error: str | None = None) -> Finish:
-        self._enter(state)
+        self.state = state
         self.report.update(ok=state is State.DONE, state=state.value, error=error,
                            seconds=round(self.clock() - self._t0, 3))
         (LOG.info if error is None else LOG.error)(

@@ -3,15 +3,20 @@
 Host side of issue 5 §3.  The pieces, in the order they happen:
 
 1. :func:`rmvm_initrd`: the cached ``rmvm-initrd`` stage (busybox, modules, tools/xenbox/rmvm-init)
-   plus a second cpio with the checkout's ``dmore_nova`` package and the RM VM's runner
-   (:mod:`tests.xen.rmvm_agent`) under ``/src``: the project's code as it is now, without a
-   share (there is no 9p in a domU).  Written to the run's ``/mnt/box``.
+   plus a second cpio with the checkout's ``dmore_nova`` package and the box-only bootstrap
+   (:mod:`tests.xen.rmvm_boot`, which runs the product's ``dmore-rm-agent``) under ``/src``: the
+   project's code as it is now, without a share (there is no 9p in a domU).  Written to the
+   run's ``/mnt/box``.
 2. :func:`start_rmvm_guest`: ``xl create`` the RM VM (tools/xenbox/rmvm.cfg: root filesystem =
    dom0's own image read-only, routed vif), wait for its runner; ``xl create -p`` the guest
    (tools/xenbox/rmvm-guest.cfg: ``vkb=[backend=rmvm,...]``, so libxl writes the vkb backend
    under the RM VM's ``/local/domain/<rmvm>/backend/vinput``); give the RM VM privilege over the
-   guest (:mod:`tests.xen.rmvm_dom0`: ``xc_domain_set_target`` + ``XS_SET_TARGET``); hand the
-   agent its configuration through xenstore; wait until it listens; unpause the guest.
+   guest (``dmore-xl-rmvm set-target``, :mod:`dmore_nova.virt.xl_rmvm`: ``xc_domain_set_target``
+   + ``XS_SET_TARGET`` + the vfb dirs); hand the agent its configuration (with
+   ``[agent] xenstore_control``) through xenstore; wait until it listens; unpause the guest.
+
+Co-migration is the product's too: ``dmore-xl-rmvm comigrate`` in dom0, the agent's control
+channel in the RM VM (tests/xen/test_rmvm.py drives it).
 
 The viewer connects from the host to the RM VM itself: QEMU forwards a host port to the RM VM's
 address (10.0.2.16:5900, routed through dom0 by tools/xenbox/rmvm-vif).
@@ -39,8 +44,12 @@ GUEST_CFG = "/mnt/src/tools/xenbox/rmvm-guest.cfg"
 #: The RM VM's address and RFB port (rmvm.cfg); the box forwards a host port to it.
 RMVM_IP = "10.0.2.16"
 RMVM_RFB_PORT = 5900
-#: What of the checkout goes into the RM VM (under /src): the package and the runner.
-SOURCES = ("dmore_nova", "tests/__init__.py", "tests/xen/__init__.py", "tests/xen/rmvm_agent.py")
+#: What of the checkout goes into the RM VM (under /src): the whole package (every module, new
+#: ones included) and the box-only bootstrap.
+SOURCES = ("dmore_nova", "tests/__init__.py", "tests/xen/__init__.py", "tests/xen/rmvm_boot.py")
+#: dom0 runs the product's dom0 command from the shared checkout.
+XL_RMVM = ("cd /mnt/src; PYTHONPATH=/mnt/src PYTHONDONTWRITEBYTECODE=1"
+           " python3 -m dmore_nova.cmd.xl_rmvm")
 
 
 def _cpio_newc(files: list[tuple[str, int, bytes]]) -> bytes:
@@ -145,15 +154,15 @@ def start_rmvm(box: Any, stage_initrd: Path, *, timeout: float = RMVM_READY_TIME
 
 
 def agent_conf(domid: int, *, width: int = 800, height: int = 600) -> str:
-    return ("[agent]\nxen = real\n"
+    return ("[agent]\nxen = real\nxenstore_control = true\n"
             f"guest_domid = {domid}\nplug_vfb = true\nwidth = {width}\nheight = {height}\n"
             f"[rfb]\nlisten = 0.0.0.0\nport = {RMVM_RFB_PORT}\n")
 
 
 def set_target(box: Any, rmvm: int, guest: int) -> dict:
-    """dom0 gives the RM VM privilege over the guest; the result of each half, verbatim."""
-    r = box.sh("cd /mnt/src; PYTHONPATH=/mnt/src PYTHONDONTWRITEBYTECODE=1"
-               f" python3 -m tests.xen.rmvm_dom0 set-target {rmvm} {guest}", check=False)
+    """dom0 gives the RM VM privilege over the guest (``dmore-xl-rmvm set-target``); the result
+    of each part, verbatim."""
+    r = box.sh(f"{XL_RMVM} set-target {rmvm} {guest}", check=False)
     m = re.search(r"^\{.*\}$", r.output, re.M)
     if not m:
         raise RuntimeError(f"set-target printed no result (rc {r.rc}):\n{r.output}")

@@ -23,10 +23,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.xen.dom0 import wait_for
+from tests.xen.dom0 import GUEST, wait_for
 from tests.xen.rmvm import (
+    RMVM,
     RMVM_IP,
     RMVM_RFB_PORT,
+    XL_RMVM,
     RmvmGuest,
     probe_pv_target,
     start_rmvm,
@@ -60,6 +62,18 @@ def rmvm_setup(xenbox) -> tuple[RmvmGuest, dict, dict]:
 @pytest.fixture(scope="module")
 def served(rmvm_setup) -> RmvmGuest:
     return rmvm_setup[0]
+
+
+def test_rm_vm_initramfs_carries_the_product_agent_and_its_control_channel():
+    """No box needed: the checkout's cpio for the RM VM has every module the agent and its
+    control channel import, and the bootstrap; none of the old test-side copies."""
+    from tests.xen.rmvm import source_cpio
+    cpio = source_cpio()
+    for name in ("dmore_nova/cmd/rm_agent.py", "dmore_nova/rm_vm/agent.py",
+                 "dmore_nova/rm_vm/control.py", "dmore_nova/rm_vm/xs_control.py",
+                 "dmore_nova/xen/real/xen.py", "tests/xen/rmvm_boot.py"):
+        assert f"src/{name}\0".encode() in cpio, name
+    assert b"rmvm_agent" not in cpio
 
 
 def last_screen(g: RmvmGuest, pred) -> TextScreen:
@@ -156,9 +170,11 @@ MAX_MARKER = 80
 
 def test_co_migration_keeps_the_viewer_connected(served: RmvmGuest, vncdotool_connect,
                                                  xenbox):
-    """Both ``xl migrate``d (RM VM first, then the guest; tests/xen/rmvm_comigrate.py says
-    why) while vncdotool keeps typing: the viewer's TCP connection ends in the RM VM, so it
-    survives because the RM VM migrated; every key reaches the guest once, in order."""
+    """Both ``xl migrate``d by the product's ``dmore-xl-rmvm comigrate`` in dom0 (RM VM first,
+    then the guest; dmore_nova/virt/xl_rmvm.py says why), the agent following through its
+    xenstore control channel, while vncdotool keeps typing: the viewer's TCP connection ends in
+    the RM VM, so it survives because the RM VM migrated; every key reaches the guest once, in
+    order."""
     from tests.xen.conftest import TIMINGS
     c = vncdotool_connect("127.0.0.1", served.rfb_port, timeout=90)
     last_screen(served, lambda s: s.lines[s.cursor[0]].rstrip() == "guest#")
@@ -186,25 +202,31 @@ def test_co_migration_keeps_the_viewer_connected(served: RmvmGuest, vncdotool_co
     t.start()
     time.sleep(3)
     t0 = time.monotonic()
-    r = served.sh("cd /mnt/src; PYTHONPATH=/mnt/src PYTHONDONTWRITEBYTECODE=1"
-                  " python3 -m tests.xen.rmvm_comigrate --rmvm rmvm --guest guest", 1800,
-                  check=False)
+    r = served.sh(f"{XL_RMVM} comigrate --rmvm {RMVM} --guest {GUEST} 2>/mnt/box/comigrate.err",
+                  1800, check=False)
     TIMINGS["co-migration (RM VM, then guest)"] = time.monotonic() - t0
     time.sleep(3)
     done.set()
     t.join(120)
-    (Path(xenbox.run_dir) / "rmvm-comigrate.out").write_text(r.output)
+    err = (xenbox.box_dir / "comigrate.err").read_text(errors="replace")
+    (Path(xenbox.run_dir) / "rmvm-comigrate.out").write_text(r.output + "\n-- stderr\n" + err)
     assert not errors, errors
     res = json.loads(r.output.strip().splitlines()[-1])
-    assert r.rc == 0 and "error" not in res, r.output[-4000:]
+    assert r.rc == 0 and res["ok"] and res["state"] == "done", (r.output[-4000:], err[-4000:])
     steps = {s["what"]: s for s in res["steps"]}
-    for what in ("prepare", "xl migrate rmvm", "target for the incoming guest",
-                 "xl migrate guest", "agent re-homed"):
-        TIMINGS[f"  {what}"] = steps[what]["seconds"]
+    # every state of the protocol, in order, with its time
+    assert list(steps) == ["prepare", "migrate-rmvm", "migrate-guest", "target-incoming",
+                           "agent-incoming", "guest-switchover", "agent-rehome"], list(steps)
+    for what, step in steps.items():
+        TIMINGS[f"  {what}"] = step["seconds"]
+    # the progress on stderr names each state
+    assert all(f"co-migration {RMVM}+{GUEST}: {what}" in err for what in steps), err[-3000:]
     new_r, new_g = res["rmvm_new"], res["guest_new"]
     assert new_r != old_r and new_g != old_g
-    assert res["grant"] == {"xen": "ok", "xenstore": "ok", "vfb_dirs": "ok"}, res["grant"]
-    ack = steps["agent re-homed"]["ack"]
+    assert res["grant"] == {"rmvm": new_r, "guest": res["incoming"], "xen": "ok",
+                            "xenstore": "ok", "vfb_dirs": "ok"}, res["grant"]
+    assert steps["agent-incoming"]["ack"]["state"] in ("plugged", "done")
+    ack = steps["agent-rehome"]["ack"]
     assert ack["state"] == "done" and ack["new"] == new_g and ack["backend"] == new_r, ack
     assert ack["held_dropped"] == 0 and ack["vkbd_dropped"] == 0, ack
     assert ack["abs_pointer"] is True, ack
@@ -246,3 +268,44 @@ def test_co_migration_keeps_the_viewer_connected(served: RmvmGuest, vncdotool_co
     finally:
         if last:
             Image.fromarray(last[0]).save(Path(xenbox.run_dir) / "rmvm-after-comigrate.png")
+
+
+def test_control_channel_refuses_bad_requests_and_resume_remaps(served: RmvmGuest,
+                                                              vncdotool_connect):
+    """The rollback path on real Xen (what ``dmore-xl-rmvm comigrate`` does when prepare or
+    the RM VM's ``xl migrate`` fails): after ``prepare`` the agent holds input with the guest's
+    pages unmapped and ports unbound; ``resume`` maps the same grant and frames again, re-binds,
+    and replays what was typed meanwhile.  Before that, requests the agent must refuse get an
+    error ack and change nothing."""
+    import shlex
+
+    def request(text: str) -> dict:
+        r = served.sh(f"{XL_RMVM} request {RMVM} {shlex.quote(text)} --timeout 120", 300,
+                      check=False)
+        return json.loads(r.output.strip().splitlines()[-1])
+
+    assert request("frobnicate") == {"seq": request_seq(served), "state": "error",
+                                     "error": "unknown request 'frobnicate' (known: prepare, "
+                                              "resume, incoming)"}
+    ack = request(f"incoming {served.domid} {GUEST}")
+    assert ack["error"] == "incoming is not allowed while serving", ack
+    c = vncdotool_connect("127.0.0.1", served.rfb_port, timeout=90)
+    last_screen(served, lambda s: s.lines[s.cursor[0]].rstrip() == "guest#")
+    ack = request("prepare")
+    assert ack["state"] == "prepared" and ack["domid"] == served.rmvm_domid, ack
+    c.type("echo RBK$((3*4))Z >/dev/hvc0")
+    c.key("enter")
+    time.sleep(5)
+    assert "RBK12Z" not in served.console_log()  # held while prepared
+    ack = request("resume")
+    assert ack["state"] == "resumed" and ack["noop"] is False, ack
+    assert ack["reconnected"] == 2 and ack["connected"] is True, ack
+    assert ack["replayed"] > 20, ack  # the command's key events, press + release
+    wait_for(lambda: "RBK12Z" in served.console_log(), 120, "the replayed command's output")
+    log = served.rmvm_log()
+    assert "vkbd-" in log and "re-mapped + re-bound port" in log
+
+
+def request_seq(served: RmvmGuest) -> str:
+    """The seq of the last request dom0 wrote (the ack must carry it)."""
+    return served.xs_read(f"/local/domain/{served.rmvm_domid}/data/dmore-migrate").split()[0]
