@@ -82,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     except LookupError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # xenstore failed outside a co-migration's own handling
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 1
     finally:
         xs.close()
 

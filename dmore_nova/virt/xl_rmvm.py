@@ -30,8 +30,9 @@ guest's console devices:
     if ( is_hvm_domain(e) )
         ret = xsm_set_target(XSM_HOOK, d, e);
 
-(read in the 4.17-based tree of xcp-ng/xen, commit 0416f3075fa0d122b92813c07fdd87643d4a3a1e;
-the check is absent from older trees, e.g. xen-project/xen at 011a612f).  A PVH guest is an HVM
+(read in xcp-ng/xen, a Xen 4.17 tree -- its ``xen/Makefile`` says 4.17.3 -- at commit
+0416f3075fa0d122b92813c07fdd87643d4a3a1e; the check is absent from older trees, e.g.
+xen-project/xen at 011a612f, where any domain could be a target).  A PVH guest is an HVM
 container (``is_hvm_domain`` is true), so the RM VM serves PVH guests: same kernel, same PV
 frontends, no device model.  xenstored's half (``XS_SET_TARGET``) works for either.
 
@@ -521,6 +522,10 @@ def xl_migrate_argv(name: str) -> list[str]:
     return ["xl", "migrate", "-s", "", name, "xl migrate-receive"]
 
 
+def argv_text(argv: Sequence[str]) -> str:
+    return " ".join(repr(a) if not a or " " in a else a for a in argv)
+
+
 class XlToolstack:
     """Runs :class:`CoMigration`'s commands in dom0: ``xl`` subprocesses, xenstore as dom0.
 
@@ -574,13 +579,28 @@ class XlToolstack:
         return cmd.report
 
     def execute(self, cmd: Command) -> Observation:
+        """One command; a failure of xenstore or of starting xl becomes the observation the
+        machine handles (no ack, xl failed), so that it can still roll back or report."""
         if isinstance(cmd, SendRequest):
-            self.send(cmd.domid, cmd.request.encode())
+            try:
+                self.send(cmd.domid, cmd.request.encode())
+            except OSError as exc:
+                return AckMissing(f"could not write the request {cmd.request.encode()!r} "
+                                  f"for dom{cmd.domid}: {exc}")
             return Sent()
         if isinstance(cmd, WaitAck):
-            return self.wait_ack(cmd.domid, cmd.seq, cmd.states, cmd.timeout)
+            try:
+                return self.wait_ack(cmd.domid, cmd.seq, cmd.states, cmd.timeout)
+            except OSError as exc:
+                return AckMissing(f"reading dom{cmd.domid}'s ack: {exc}")
         if isinstance(cmd, Migrate):
-            return self.migrate(cmd.name, cmd.report_incoming, cmd.timeout)
+            try:
+                return self.migrate(cmd.name, cmd.report_incoming, cmd.timeout)
+            except OSError as exc:  # xl missing, or xenstore while looking for the domain
+                if self._proc is not None and self._proc.poll() is None:
+                    return self._ended(cmd.name, cmd.timeout)
+                return MigrateEnded(127, f"{argv_text(self.migrate_argv(cmd.name))}: {exc}",
+                                    self._find_quietly(cmd.name))
         if isinstance(cmd, WaitMigrate):
             return self._ended(cmd.name, cmd.timeout)
         if isinstance(cmd, GrantTarget):
@@ -659,13 +679,17 @@ class XlToolstack:
             self._reader.join(10)
         return rc
 
+    def _find_quietly(self, name: str) -> int | None:
+        try:
+            return self.find_named(name)
+        except OSError as exc:
+            LOG.warning("looking for domain %r: %s", name, exc)
+            return None
+
     def _ended(self, name: str, timeout: float) -> MigrateEnded:
         rc = self._wait_proc(timeout)
         output = b"".join(self._out).decode("utf-8", "replace")
-        try:
-            domid = self.find_named(name)
-        except XenError:
-            domid = None
+        domid = self._find_quietly(name)
         LOG.info("xl migrate %s: rc %s, %s now dom%s", name, rc, name, domid)
         return MigrateEnded(rc, output, domid)
 

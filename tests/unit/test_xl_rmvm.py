@@ -7,6 +7,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import itertools
+import json
 
 import pytest
 
@@ -434,3 +435,133 @@ def test_xs_set_target_on_the_wire(tmp_path):
     finally:
         xs.close()
         sim.close()
+
+
+# -- the driver (XlToolstack) with an in-memory dom0 xenstore and a scripted agent -------------
+
+class Dom0Store:
+    """dom0's xenstore: a dict, watches signalled through a socketpair; ``agent`` answers
+    requests written to an RM VM's request key as the agent would (or not at all)."""
+
+    def __init__(self, domains: dict[int, str], agent=None, fail_writes: bool = False) -> None:
+        import socket
+        self.data = {f"/local/domain/{d}/name": n.encode() for d, n in domains.items()}
+        self.agent = agent
+        self.fail_writes = fail_writes
+        self.watches: dict[str, str] = {}
+        self.pending: list[tuple[str, str]] = []
+        self.r, self.w = socket.socketpair()
+
+    def read(self, path):
+        return self.data.get(path)
+
+    def write(self, path, value):
+        if self.fail_writes:
+            raise api.XenError(errno.EACCES, "xenstore WRITE failed: EACCES")
+        self.data[path] = value.encode() if isinstance(value, str) else value
+        for wpath, token in self.watches.items():
+            if path == wpath:
+                self.pending.append((path, token))
+                self.w.send(b"x")
+        if path.endswith("/data/dmore-migrate") and self.agent is not None:
+            seq, verb = value.split(" ")[:2]
+            answer = self.agent(verb)
+            if answer is not None:
+                self.write(path + "-ack", answer if isinstance(answer, bytes) else
+                           json.dumps({"seq": seq, "state": answer}))
+
+    def directory(self, path):
+        assert path == "/local/domain"
+        return sorted({k.split("/")[3] for k in self.data if k.startswith("/local/domain/")})
+
+    def watch(self, path, token):
+        self.watches[path] = token
+        self.pending.append((path, token))
+        self.w.send(b"x")
+
+    def unwatch(self, path, token):
+        self.watches.pop(path, None)
+
+    def watch_fileno(self):
+        return self.r.fileno()
+
+    def read_watch_events(self):
+        self.r.recv(4096)
+        ev, self.pending = self.pending, []
+        return ev
+
+
+def agent_answering(verb):
+    return {"prepare": "prepared", "resume": "resumed"}.get(verb)
+
+
+def fast_machine(ts) -> CoMigration:
+    return CoMigration("rmvm", "guest", ts.domid_of("rmvm"), ts.domid_of("guest"),
+                       prepare_timeout=0.5, migrate_timeout=20, plug_timeout=0.5,
+                       rehome_timeout=0.5)
+
+
+def test_driver_xl_missing_rolls_back():
+    from dmore_nova.virt.xl_rmvm import XlToolstack
+    xs = Dom0Store({3: "rmvm", 4: "guest"}, agent_answering)
+    ts = XlToolstack(xs, migrate_argv=lambda n: ["/nonexistent/xl", "migrate", n])
+    report = ts.run(fast_machine(ts))
+    assert report["state"] == "rolled-back", report
+    assert report["steps"][1]["rc"] == 127
+    assert "/nonexistent/xl migrate rmvm: [Errno 2]" in report["steps"][1]["output"]
+    assert [s["what"] for s in report["steps"]] == ["prepare", "migrate-rmvm", "rollback"]
+
+
+def test_driver_xl_failure_output_and_rollback():
+    from dmore_nova.virt.xl_rmvm import XlToolstack
+    xs = Dom0Store({3: "rmvm", 4: "guest"}, agent_answering)
+    ts = XlToolstack(xs, migrate_argv=lambda n: [
+        "sh", "-c", f"echo 'migration sender: {n} failed'; exit 3"])
+    report = ts.run(fast_machine(ts))
+    assert report["state"] == "rolled-back"
+    assert report["error"].startswith("xl migrate rmvm failed (rc 3); rolled back")
+    assert report["steps"][1]["output"] == "migration sender: rmvm failed\n"
+    assert xs.watches == {}  # every ack watch removed
+
+
+def test_driver_agent_silent_then_rollback_unanswered():
+    from dmore_nova.virt.xl_rmvm import XlToolstack
+    xs = Dom0Store({3: "rmvm", 4: "guest"}, lambda verb: None)
+    ts = XlToolstack(xs, migrate_argv=lambda n: ["true"])
+    report = ts.run(fast_machine(ts))
+    assert report["state"] == "failed"
+    assert report["error"].startswith("prepare: no prepared ack to request ")
+    assert "and the rollback failed (resume: no resumed ack" in report["error"]
+
+
+def test_driver_ignores_malformed_and_stale_acks():
+    from dmore_nova.virt.xl_rmvm import XlToolstack
+    answers = iter([b"\xff not json", b"[1, 2]", b"x" * 5000])
+    xs = Dom0Store({3: "rmvm", 4: "guest"}, lambda verb: next(answers, None))
+    ts = XlToolstack(xs)
+    obs = ts.request(3, "prepare", 0.2)
+    assert isinstance(obs, AckMissing) and obs.reason.endswith(r"(last value: b'\xff not json')")
+    obs = ts.request(3, "prepare", 0.2)  # JSON, but not an object
+    assert isinstance(obs, AckMissing) and obs.reason.endswith("(last value: b'[1, 2]')")
+    obs = ts.request(3, "prepare", 0.2)  # longer than MAX_ACK: not parsed, shown cut
+    assert isinstance(obs, AckMissing) and obs.reason.endswith("x" * 50 + "')")
+    xs.write("/local/domain/3/data/dmore-migrate-ack", json.dumps({"seq": "1", "state": "done"}))
+    obs = ts.wait_ack(3, "2", ("done",), 0.2)  # another request's ack: not ours
+    assert isinstance(obs, AckMissing) and '"seq": "1"' in obs.reason
+
+
+def test_driver_xenstore_write_refused():
+    from dmore_nova.virt.xl_rmvm import XlToolstack
+    xs = Dom0Store({3: "rmvm", 4: "guest"}, agent_answering, fail_writes=True)
+    ts = XlToolstack(xs)
+    report = ts.run(fast_machine(ts))
+    assert report["state"] == "failed"
+    assert "could not write the request" in report["error"] and "EACCES" in report["error"]
+
+
+def test_domid_of_names_and_numbers():
+    from dmore_nova.virt.xl_rmvm import XlToolstack
+    ts = XlToolstack(Dom0Store({3: "rmvm", 4: "guest"}))
+    assert (ts.domid_of("rmvm"), ts.domid_of("guest"), ts.domid_of("17")) == (3, 4, 17)
+    with pytest.raises(LookupError, match="no domain named 'other'"):
+        ts.domid_of("other")
