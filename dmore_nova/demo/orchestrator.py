@@ -182,6 +182,9 @@ class InputCounter:
     def pointer(self, event: PointerInput) -> None:
         self.agent.pointer(event)
 
+    def flush_input(self) -> None:
+        self.agent.flush_input()
+
 
 class KeyLogCounter:
     """Counts the KEY events in the guest program's key log (one JSON line per event the

@@ -3,6 +3,7 @@ viewers, resume (fresh connect), ring-full queueing, and hostile frontends."""
 
 from __future__ import annotations
 
+import struct
 import time
 
 import numpy as np
@@ -277,4 +278,74 @@ def test_in_place_resume_seen_only_as_connected_is_a_fresh_connect(rig):
     c.key(ord("w"))
     evs = wait_kbd(kbd2, 1)
     assert [(e.keycode, e.pressed) for e in evs] == [(KC["KEY_W"], True)]
+    c.close()
+
+
+class NotifySpy:
+    """Counts the agent's notifies per port (wraps its event-channel handle's ``notify``)."""
+
+    def __init__(self, agent: RMAgent) -> None:
+        self.evtchns = agent.evtchns
+        self._notify = self.evtchns.notify
+        self.counts: dict[int, int] = {}
+        self.evtchns.notify = self  # type: ignore[method-assign]
+
+    def __call__(self, port: int) -> None:
+        self.counts[port] = self.counts.get(port, 0) + 1
+        self._notify(port)
+
+
+def test_one_notify_for_what_one_read_carried(rig):
+    """A key's press and release in one TCP segment are written to the ring together and
+    cost the guest one notify (a hypercall here, an interrupt there), not two."""
+    kbd, fb = connect_both(rig)
+    c = RawClient("127.0.0.1", rig.port)
+    c.full_frame()
+    spy = NotifySpy(rig.agent)
+    port = rig.agent.vkbd.port
+    c.sock.sendall(struct.pack(">BBxxI", 4, 1, ord("k")) + struct.pack(">BBxxI", 4, 0, ord("k")))
+    rig.wait(lambda: K.XenkbdPage(kbd.page).in_prod == 2, what="both events in the ring")
+    c.request()  # a round trip through the agent's loop: it finished handling that read
+    fb.draw(0, 0, 1, 1, 0x00FFFFFF)
+    c.wait_for_update()
+    assert spy.counts.get(port) == 1
+    evs = wait_kbd(kbd, 2)
+    assert [(e.keycode, e.pressed) for e in evs] == [(KC["KEY_K"], True), (KC["KEY_K"], False)]
+    # Separate reads: one notify each, nothing owed and nothing doubled.
+    c.key(ord("k"), True)
+    rig.wait(lambda: spy.counts.get(port) == 2, what="notify for the press")
+    c.key(ord("k"), False)
+    rig.wait(lambda: spy.counts.get(port) == 3, what="notify for the release")
+    assert [(e.keycode, e.pressed) for e in wait_kbd(kbd, 2)] == [(KC["KEY_K"], True),
+                                                                (KC["KEY_K"], False)]
+    c.close()
+
+
+def test_vfb_notifies_only_a_frontend_that_found_the_out_ring_full(rig):
+    """xen-fbfront waits for the backend's notify only when ``xenfb_queue_full`` made it keep
+    its dirty rectangle; any other notify is a wasted hypercall and guest interrupt."""
+    kbd, fb = connect_both(rig)
+    c = RawClient("127.0.0.1", rig.port)
+    c.full_frame()
+    spy = NotifySpy(rig.agent)
+    port = rig.agent.vfb.port
+    c.request()
+    fb.draw(0, 0, 8, 16, 0x00FFFFFF)                  # a glyph ...
+    fb.draw(8, 0, 8, 16, 0x0000FF00)                  # ... and the cursor next to it
+    for _ in range(2):  # one update, or two if the agent took the first UPDATE alone
+        c.wait_for_update()
+        if (c.fb[0:16, 8:16] & 0xFFFFFF == 0x00FF00).all():
+            break
+        c.request()
+    assert (c.fb[0:16, 0:8] & 0xFFFFFF == 0xFFFFFF).all()
+    assert (c.fb[0:16, 8:16] & 0xFFFFFF == 0x00FF00).all()
+    rig.wait(lambda: fb.page.out_cons == 2, what="consumed")
+    assert spy.counts.get(port, 0) == 0
+    # A full ring (51 UPDATEs, one notify from the frontend): consumed, and one notify back.
+    page = fb.page
+    assert F.fb_out_put(page, [F.XenfbUpdate(x=i, y=20, width=1, height=1)
+                               for i in range(F.XENFB_OUT_RING_LEN)]) == F.XENFB_OUT_RING_LEN
+    rig.kernel.notify(fb.port)
+    rig.wait(lambda: spy.counts.get(port, 0) == 1, what="notify after a full ring")
+    assert F.fb_pending(page)[1] == 0
     c.close()

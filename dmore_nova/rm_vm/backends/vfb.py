@@ -22,6 +22,7 @@ import numpy as np
 
 from dmore_nova.rm_vm.backends.xenbus import BackendDevice, DeviceError, parse_uint
 from dmore_nova.rm_vm.rfb.display import DisplaySource, Rect
+from dmore_nova.rm_vm.rfb.region import Region
 from dmore_nova.xen.api import EventChannels, Mapping, Transaction, Xen, XenStore
 from dmore_nova.xen.io import fbif as F
 from dmore_nova.xen.io.protocols import KNOWN_PROTOCOLS
@@ -217,24 +218,40 @@ class VfbBackend(BackendDevice):
             events = F.fb_out_get(self.fbpage)
         except RingError as exc:
             raise DeviceError(f"out ring: {exc}") from None
+        display = self.display
+        damage = Region()
         for ev in events:
             if isinstance(ev, F.XenfbUpdate):
                 self.updates += 1
-                r = ev.clip(self.display.width, self.display.height)
+                r = ev.clip(display.width, display.height)
                 if r is None:
                     continue
                 x, y, w, h = r
                 if self._raw is not None:
                     bpp = self.depth // 8 if self.depth != 24 else 3
-                    self.display.framebuffer()[y:y + h, x:x + w] = _convert(
+                    display.framebuffer()[y:y + h, x:x + w] = _convert(
                         self._raw[y:y + h, x * bpp:(x + w) * bpp], self.depth)
-                self.display.notify_damage(Rect(x, y, w, h))
+                damage.add(Rect(x, y, w, h))
             elif isinstance(ev, F.XenfbResize):
+                self._damage(damage)
                 self._configure(ev.width, ev.height, ev.stride, ev.depth, ev.offset)
             else:
                 self.log.info("%s: skipped out event: %s", self.name, ev)
-        if events and self.port is not None:
+        self._damage(damage)
+        # xen-fbfront waits for our notify only when it found the out ring full: it then
+        # keeps its dirty rectangle and sends it from its event handler
+        # (``xenfb_queue_full``/``xenfb_event_handler``).  A notify after every batch, as
+        # QEMU sends, would cost a hypercall here and an interrupt in the guest per echo.
+        if len(events) >= F.XENFB_OUT_RING_LEN and self.port is not None:
             self.evtchns.notify(self.port)
+        # Viewers waiting for an update get it now, not on the event loop's next turn.
+        display.notify_flush()
+
+    def _damage(self, damage: Region) -> None:
+        """Tell viewers what one batch of UPDATE events drew: fbcon's echo is a few
+        neighbouring rectangles (glyph, cursor), merged here into one."""
+        for rect in damage.take():
+            self.display.notify_damage(rect)
 
     def disconnect(self) -> None:
         self.display.detach()

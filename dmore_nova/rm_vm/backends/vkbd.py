@@ -70,6 +70,7 @@ class VkbdBackend(BackendDevice):
         self.delivered = 0
         self._buttons = 0
         self._pressed: set[int] = set()
+        self._owed = False  # events written with notify=False, the notify not sent yet
 
     # -- xenbus hooks ----------------------------------------------------------------------
     def write_features(self) -> None:
@@ -134,7 +135,9 @@ class VkbdBackend(BackendDevice):
                 if isinstance(ev, K.XenkbdKey | K.XenkbdPosition | K.XenkbdMotion)]
 
     # -- input from viewers ----------------------------------------------------------------
-    def key(self, ev: KeyInput) -> None:
+    def key(self, ev: KeyInput, *, notify: bool = True) -> None:
+        """``notify=False``: write the ring now and leave the notify to :meth:`notify_due`
+        (the caller has more input from the same read coming)."""
         code, shift = None, False
         if ev.scancode:
             code = keymap.xt_to_linux(ev.scancode)
@@ -161,9 +164,9 @@ class VkbdBackend(BackendDevice):
             self._pressed.add(code)
         else:
             self._pressed.discard(code)
-        self.send(events)
+        self.send(events, notify=notify)
 
-    def pointer(self, ev: PointerInput) -> None:
+    def pointer(self, ev: PointerInput, *, notify: bool = True) -> None:
         events: list = []
         changed = ev.buttons ^ self._buttons
         for bit, code in _BUTTONS:
@@ -179,7 +182,7 @@ class VkbdBackend(BackendDevice):
         self._buttons = ev.buttons
         x, y = self._scale(ev.x, ev.y)
         events.append(K.XenkbdPosition(abs_x=x, abs_y=y, rel_z=rel_z))
-        self.send(events)
+        self.send(events, notify=notify)
 
     def _scale(self, x: int, y: int) -> tuple[int, int]:
         """Viewer pixels -> what the frontend expects: 0..0x7fff when it asked for raw
@@ -196,7 +199,7 @@ class VkbdBackend(BackendDevice):
         return x * (tw - 1) // max(dw - 1, 1), y * (th - 1) // max(dh - 1, 1)
 
     # -- the ring --------------------------------------------------------------------------
-    def send(self, events: list) -> None:
+    def send(self, events: list, *, notify: bool = True) -> None:
         room = MAX_QUEUED - len(self.queue)
         if len(events) > room:
             lost = len(events) - room
@@ -205,11 +208,14 @@ class VkbdBackend(BackendDevice):
                              self.name, MAX_QUEUED, lost, self.dropped)
             events = events[:room]
         self.queue.extend(events)
-        self.flush()
+        self.flush(notify=notify)
 
-    def flush(self) -> None:
-        """Write what fits into the in ring and notify; the rest waits for the next notify."""
+    def flush(self, *, notify: bool = True) -> None:
+        """Write what fits into the in ring and notify; the rest waits for the next notify.
+        ``notify=False``: the notify is owed until :meth:`notify_due`."""
         if self.page is None or self.port is None or not self.queue:
+            if notify:
+                self.notify_due()
             return
         batch = list(self.queue)[:K.XENKBD_IN_RING_LEN]
         try:
@@ -221,4 +227,14 @@ class VkbdBackend(BackendDevice):
             for _ in range(n):
                 self.queue.popleft()
             self.delivered += n
+            self._owed = True
+        if notify:
+            self.notify_due()
+
+    def notify_due(self) -> None:
+        """Send the notify that events written with ``notify=False`` are owed.  One notify for
+        a key's press and release that came in one read: it is a hypercall, and the guest
+        takes an interrupt for each."""
+        if self._owed and self.port is not None:
+            self._owed = False
             self.evtchns.notify(self.port)

@@ -121,6 +121,9 @@ class DemoDisplay(DisplaySource):
         self.pointer_state = (event.x, event.y, event.buttons)
         self._draw_pointer_line()
 
+    def flush_input(self) -> None:
+        """Nothing batched: every key draws at once."""
+
     # -- drawing ---------------------------------------------------------------------------
     def _setup(self, width: int, height: int) -> None:
         self._fb = np.full((height, width), BG, np.uint32)

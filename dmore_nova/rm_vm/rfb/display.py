@@ -75,6 +75,10 @@ class DisplayListener(Protocol):
     def leds_changed(self) -> None:
         """The display's ``led_state`` changed."""
 
+    def flush(self) -> None:
+        """The source finished a batch of changes: send what is due now rather than on the
+        event loop's next turn (damage alone is coalesced until then)."""
+
 
 class DisplaySource(abc.ABC):
     """A framebuffer the RFB server can show."""
@@ -132,6 +136,10 @@ class DisplaySource(abc.ABC):
         for listener in list(self._listeners):
             listener.damage(rect)
 
+    def notify_flush(self) -> None:
+        for listener in list(self._listeners):
+            listener.flush()
+
     def notify_leds(self) -> None:
         for listener in list(self._listeners):
             listener.leds_changed()
@@ -179,3 +187,7 @@ class InputSink(Protocol):
     def key(self, event: KeyInput) -> None: ...
 
     def pointer(self, event: PointerInput) -> None: ...
+
+    def flush_input(self) -> None:
+        """The end of what one read from a viewer carried (e.g. a key's press and release):
+        a sink that batches delivery (one notify to the guest) delivers now."""

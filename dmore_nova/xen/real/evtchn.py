@@ -12,6 +12,8 @@ import ctypes
 import errno
 import fcntl
 import os
+import struct
+from collections.abc import Sequence
 
 from dmore_nova.xen import api
 from dmore_nova.xen.real import libs
@@ -21,6 +23,10 @@ from dmore_nova.xen.real import libs
 DOMID_FIRST_RESERVED = 0x7FF0
 #: ``evtchn_port_t`` is a uint32_t.
 EVTCHN_PORT_MAX = 0xFFFFFFFF
+PORT_SIZE = 4
+#: Ports taken or unmasked in one system call at most: the device copies at most a page
+#: (``evtchn_write`` truncates to ``PAGE_SIZE``).
+PENDING_MAX = 4096 // PORT_SIZE
 
 
 def check_domid(domid: int) -> int:
@@ -103,6 +109,44 @@ class RealEventChannels(api.EventChannels):
         ctypes.set_errno(0)
         if self._lib.call("xenevtchn_unmask", self._h(), port) < 0:  # type: ignore[operator]
             raise libs.last_error(f"xenevtchn_unmask({port})")
+
+    def pending_ports(self, limit: int = 64) -> list[int]:
+        """Up to ``limit`` fired ports in one ``read()`` of the handle's fd.
+
+        libxenevtchn's Linux ``xenevtchn_pending`` is ``read(fd, &port, sizeof(port))``; the
+        device (drivers/xen/evtchn.c ``evtchn_read``) hands out as many queued
+        ``evtchn_port_t`` as the read asks for, so one system call takes them all.  A
+        ring overflow (``EFBIG``) and other errors are raised as libxenevtchn's would be."""
+        if not 0 < limit <= PENDING_MAX:
+            raise ValueError(f"limit {limit} outside 1..{PENDING_MAX}")
+        try:
+            data = os.read(self.fileno(), limit * PORT_SIZE)
+        except BlockingIOError:
+            return []
+        except OSError as e:
+            raise api.XenError(e.errno or errno.EIO, f"xenevtchn_pending: {e.strerror}") from e
+        if len(data) % PORT_SIZE:
+            raise api.XenError(errno.EPROTO, f"event channel device returned {len(data)} bytes,"
+                                             f" not a whole number of ports")
+        return list(struct.unpack(f"={len(data) // PORT_SIZE}I", data))
+
+    def unmask_ports(self, ports: Sequence[int]) -> None:
+        """Unmask ``ports`` in one ``write()``: ``evtchn_write`` unmasks each
+        ``evtchn_port_t`` of the buffer that this handle bound (libxenevtchn's
+        ``xenevtchn_unmask`` writes one)."""
+        if not ports:
+            return
+        for port in ports:
+            check_port(port)
+        if len(ports) > PENDING_MAX:
+            raise ValueError(f"{len(ports)} ports: more than {PENDING_MAX} in one write")
+        data = struct.pack(f"={len(ports)}I", *ports)
+        try:
+            n = os.write(self.fileno(), data)
+        except OSError as e:
+            raise api.XenError(e.errno or errno.EIO, f"xenevtchn_unmask: {e.strerror}") from e
+        if n != len(data):
+            raise api.XenError(errno.EIO, f"xenevtchn_unmask: wrote {n} of {len(data)} bytes")
 
     def unbind(self, port: int) -> None:
         check_port(port)

@@ -167,6 +167,7 @@ class XenLibrary:
         self.prototypes = dict(prototypes)
         self._lock = threading.Lock()
         self._cdll: ctypes.CDLL | None = None
+        self._funcs: dict[str, Callable[..., object]] = {}
 
     def __repr__(self) -> str:
         return f"XenLibrary({self.name!r}, loaded={self._cdll is not None})"
@@ -200,10 +201,17 @@ class XenLibrary:
                           f"Debian package {self.package}): {'; '.join(errors)}")
 
     def call(self, fname: str, *args: object) -> object:
-        """Call ``fname`` (declared in :attr:`prototypes`); no errno handling here."""
-        if fname not in self.prototypes:
-            raise KeyError(f"{fname} is not declared for lib{self.name}")
-        return getattr(self.get(), fname)(*args)
+        """Call ``fname`` (declared in :attr:`prototypes`); no errno handling here.
+
+        The function object is looked up once: a key press costs a few of these calls, and
+        in a PV domain under emulation every Python step is ~10x dearer than natively."""
+        try:
+            func = self._funcs[fname]
+        except KeyError:
+            if fname not in self.prototypes:
+                raise KeyError(f"{fname} is not declared for lib{self.name}") from None
+            func = self._funcs[fname] = getattr(self.get(), fname)
+        return func(*args)
 
 
 def evtchn_library(sonames: tuple[str, ...] = ("libxenevtchn.so.1",)) -> XenLibrary:
