@@ -349,3 +349,28 @@ def test_vfb_notifies_only_a_frontend_that_found_the_out_ring_full(rig):
     rig.wait(lambda: spy.counts.get(port, 0) == 1, what="notify after a full ring")
     assert F.fb_pending(page)[1] == 0
     c.close()
+
+
+def test_vfb_notifies_a_frontend_that_filled_the_ring_while_it_was_read(rig, monkeypatch):
+    """The frontend tests ``out_prod - out_cons`` against the out_cons it sees: if it filled
+    the ring between our read of out_prod and our write of out_cons, it kept its dirty
+    rectangle and waits for us although we took fewer than 51 events."""
+    kbd, fb = connect_both(rig)
+    spy = NotifySpy(rig.agent)
+    port = rig.agent.vfb.port
+    page = fb.page
+    real_get = F.fb_out_get
+    raced: list[int] = []
+
+    def get_while_the_frontend_fills(p, max_items=None):
+        cons = page.out_cons
+        events = real_get(p, max_items)
+        if not raced:  # the frontend's writes landed between our two index accesses
+            n = F.XENFB_OUT_RING_LEN - (page.out_prod - cons)
+            raced.append(F.fb_out_put(page, [F.XenfbUpdate(x=0, y=0, width=1, height=1)] * n))
+        return events
+
+    monkeypatch.setattr(F, "fb_out_get", get_while_the_frontend_fills)
+    fb.draw(0, 0, 4, 4, 0x00FFFFFF)
+    rig.wait(lambda: spy.counts.get(port, 0) == 1, what="notify after the raced fill")
+    assert raced == [F.XENFB_OUT_RING_LEN - 1]

@@ -212,10 +212,12 @@ class VfbBackend(BackendDevice):
         self.display.attach(fb)
 
     def on_event(self) -> None:
-        if self.fbpage is None:
+        page = self.fbpage
+        if page is None:
             return
+        cons = page.out_cons
         try:
-            events = F.fb_out_get(self.fbpage)
+            events = F.fb_out_get(page)
         except RingError as exc:
             raise DeviceError(f"out ring: {exc}") from None
         display = self.display
@@ -242,7 +244,9 @@ class VfbBackend(BackendDevice):
         # keeps its dirty rectangle and sends it from its event handler
         # (``xenfb_queue_full``/``xenfb_event_handler``).  A notify after every batch, as
         # QEMU sends, would cost a hypercall here and an interrupt in the guest per echo.
-        if len(events) >= F.XENFB_OUT_RING_LEN and self.port is not None:
+        # It may have checked against the out_cons we found (before ours was written), so
+        # the test is out_prod *now* against that one.
+        if (page.out_prod - cons) & 0xFFFFFFFF >= F.XENFB_OUT_RING_LEN and self.port is not None:
             self.evtchns.notify(self.port)
         # Viewers waiting for an update get it now, not on the event loop's next turn.
         display.notify_flush()
