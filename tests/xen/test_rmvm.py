@@ -55,6 +55,7 @@ def rmvm_setup(xenbox) -> tuple[RmvmGuest, dict, dict]:
                                  rmvm=rm)
     TIMINGS["PVH guest + target + agent in RM VM + tty1"] = time.monotonic() - t1
     yield g, target, pv
+    (Path(xenbox.run_dir) / "rmvm-guest-console.log").write_text(g.console_log())
     log = stop_rmvm_guest(g)
     (Path(xenbox.run_dir) / "rmvm-console.log").write_text(log)
 
@@ -212,7 +213,13 @@ def test_co_migration_keeps_the_viewer_connected(served: RmvmGuest, vncdotool_co
     (Path(xenbox.run_dir) / "rmvm-comigrate.out").write_text(r.output + "\n-- stderr\n" + err)
     assert not errors, errors
     res = json.loads(r.output.strip().splitlines()[-1])
-    assert r.rc == 0 and res["ok"] and res["state"] == "done", (r.output[-4000:], err[-4000:])
+    if res.get("guest_new") is not None:
+        served.domid = res["guest_new"]  # whatever happened, the guest is there now
+    if res.get("rmvm_new") is not None:
+        served.rmvm_domid = res["rmvm_new"]
+    assert r.rc == 0 and res["ok"] and res["state"] == "done", (
+        r.output[-4000:], err[-4000:],
+        served.xs_tree(f"/local/domain/{served.domid}/device/vfb"))
     steps = {s["what"]: s for s in res["steps"]}
     # every state of the protocol, in order, with its time
     assert list(steps) == ["prepare", "migrate-rmvm", "migrate-guest", "target-incoming",
