@@ -101,7 +101,8 @@ class XenstoreControl:
         self.proto = ControlProtocol()
         self.rename_timeout = rename_timeout
         self.connect_timeout = connect_timeout
-        self.acks: list[Ack] = []
+        #: The last ack written (for status and tests; one, not a history: no growth).
+        self.last_ack: Ack | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._task: asyncio.Task | None = None
         self._name_changed = asyncio.Event()
@@ -172,7 +173,7 @@ class XenstoreControl:
         self._task = self._loop.create_task(self._run(out))
 
     def _ack(self, ack: Ack) -> None:
-        self.acks.append(ack)
+        self.last_ack = ack
         try:
             self.xs.write(ACK_KEY, ack.encode())
         except (XenError, OSError) as exc:
