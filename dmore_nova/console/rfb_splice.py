@@ -758,7 +758,7 @@ class _ServerFramer:
                 size = (w + 7) // 8 * h if ncol <= 2 else w * h
             else:
                 raise _FramingError(f"Tight filter {filt} unknown")
-            if size < _TIGHT_MIN_TO_COMPRESS:
+            if size < _TIGHT_MIN_TO_COMPRESS:  # sent as is, no length, no zlib stream
                 yield _Skip(size)
             else:
                 start = self._pos
@@ -768,7 +768,7 @@ class _ServerFramer:
                     self.server_fresh[stream] = False
                     if browser_started[stream] and not forwarded_resets >> stream & 1:
                         n = yield from self._strip_zlib_header(start, n, stream)
-            yield _Skip(n)
+                yield _Skip(n)
         else:
             raise _FramingError(f"Tight compression control {ctl:#04x} invalid")
         return forwarded_resets, used

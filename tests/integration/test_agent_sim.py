@@ -374,3 +374,26 @@ def test_vfb_notifies_a_frontend_that_filled_the_ring_while_it_was_read(rig, mon
     fb.draw(0, 0, 4, 4, 0x00FFFFFF)
     rig.wait(lambda: spy.counts.get(port, 0) == 1, what="notify after the raced fill")
     assert raced == [F.XENFB_OUT_RING_LEN - 1]
+
+
+def test_only_pixels_that_changed_are_sent(rig):
+    """An UPDATE over pixels that are already what viewers have (fbcon clearing an empty line,
+    redrawing the same glyph) sends nothing; one over a partly changed area sends the changed
+    part's bounding box, as QEMU's VNC server does by comparing with its copy."""
+    kbd, fb = connect_both(rig)
+    c = RawClient("127.0.0.1", rig.port)
+    c.full_frame()
+    c.request()
+    fb.draw(0, 0, 8, 16, 0x00FFFFFF)
+    assert [r[:4] for r in c.wait_for_update()] == [(0, 0, 8, 16)]
+    c.request()
+    fb.draw(0, 0, 8, 16, 0x00FFFFFF)                 # the same glyph again: nothing new
+    fb.draw(0, 32, 320, 16, 0)                       # a clear of an empty line: nothing new
+    fb.draw(100, 50, 3, 2, 0x000000FF)               # the one change
+    assert [r[:4] for r in c.wait_for_update()] == [(100, 50, 3, 2)]
+    assert (c.fb[50:52, 100:103] & 0xFFFFFF == 0x0000FF).all()
+    c.request()
+    fb.send(F.XenfbUpdate(x=0, y=0, width=320, height=200))   # a redraw that changed nothing
+    fb.draw(100, 50, 1, 1, 0x00FF0000)
+    assert [r[:4] for r in c.wait_for_update()] == [(100, 50, 1, 1)]
+    c.close()

@@ -622,6 +622,25 @@ def test_tight_stream_first_used_by_a_later_backend_keeps_its_header():
     assert sp.data_to_send_client() == fbu_header(len(rects)) + b"".join(rects)
 
 
+def test_tight_rects_too_small_to_compress_pass_through():
+    """Tight sends a rect's data as is, without a length, when it is under 12 bytes (a few
+    pixels: the agent sends only what changed).  The framer once fell through to the
+    compressed branch's length and closed the session (UnboundLocalError)."""
+    rng = np.random.default_rng(11)
+    fb = random_fb(rng, 64, 48)
+    fb[0, :8] = np.arange(8, dtype=np.uint32) * 0x010203  # distinct pixels: no fill
+    rects = []
+    for w, h in ((2, 1), (3, 1), (1, 2), (2, 2)):
+        rects += make_encoder(ENC_TIGHT).encode(fb, Rect(0, 0, w, h), NATIVE)
+    assert any(r[12] >> 4 < 8 and len(r) < 12 + 1 + 2 + 12 for r in rects), \
+        "the test needs basic-compression rects sent uncompressed"
+    sp, b = normal_session()
+    stream = fbu_header(len(rects)) + b"".join(rects)
+    sp.receive_server_data(stream)
+    assert not sp.closed
+    assert sp.data_to_send_client() == stream
+
+
 # -- fuzz ----------------------------------------------------------------------------------------
 
 @settings(max_examples=300, deadline=None)
