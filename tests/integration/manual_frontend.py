@@ -98,8 +98,9 @@ class ManualFb:
                 xs.write(f"{self.path}/{k}", str(v))
         xs.write(f"{self.path}/state", str(int(state)))
 
-    def draw(self, x: int, y: int, w: int, h: int, color: int) -> None:
-        """Fill a rectangle in guest memory and send an UPDATE, like fbfront's fillrect."""
+    def draw(self, x: int, y: int, w: int, h: int, color: int, *, send: bool = True) -> None:
+        """Fill a rectangle in guest memory and send an UPDATE, like fbfront's fillrect
+        (``send=False``: the UPDATE is not sent yet)."""
         for row in range(y, y + h):
             off = row * self.width * 4 + x * 4
             frame_i, start = divmod(off, PAGE)
@@ -109,7 +110,8 @@ class ManualFb:
                 self.k.page(self.frames[frame_i])[start:start + len(chunk)] = chunk
                 data = data[len(chunk):]
                 frame_i, start = frame_i + 1, 0
-        self.send(F.XenfbUpdate(x=x, y=y, width=w, height=h))
+        if send:
+            self.send(F.XenfbUpdate(x=x, y=y, width=w, height=h))
 
     def send(self, *events) -> None:
         assert F.fb_out_put(self.page, list(events)) == len(events)

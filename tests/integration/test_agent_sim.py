@@ -397,3 +397,27 @@ def test_only_pixels_that_changed_are_sent(rig):
     fb.draw(100, 50, 1, 1, 0x00FF0000)
     assert [r[:4] for r in c.wait_for_update()] == [(100, 50, 1, 1)]
     c.close()
+
+
+def test_a_change_undone_before_a_viewer_is_served_never_strands_it(rig):
+    """The guest draws X and reports it; before the viewer asks, it draws Y (report still
+    in flight); the viewer is served; then it draws X again and both reports arrive.  Served
+    from live memory, the viewer would get Y and never hear of X again (X is what was last
+    compared): it must be served what was compared, and end on the guest's picture."""
+    kbd, fb = connect_both(rig)
+    c = RawClient("127.0.0.1", rig.port)
+    c.full_frame()                                   # no request outstanding now
+    fb.draw(0, 0, 8, 16, 0x00FFFFFF)                 # X, reported
+    rig.wait(lambda: fb.page.out_cons == 1, what="X consumed")
+    fb.draw(0, 0, 8, 16, 0x000000FF, send=False)     # Y, its report not there yet
+    c.request()
+    c.wait_for_update()
+    fb.draw(0, 0, 8, 16, 0x00FFFFFF, send=False)     # X again
+    fb.send(F.XenfbUpdate(x=0, y=0, width=8, height=16), F.XenfbUpdate(x=0, y=0, width=8,
+                                                                       height=16))
+    rig.wait(lambda: fb.page.out_cons == 3, what="both reports consumed")
+    c.request()
+    fb.draw(300, 190, 1, 1, 0x00FF0000)              # something else, to get an update
+    c.wait_for_update()
+    assert (c.fb[0:16, 0:8] & 0xFFFFFF == 0xFFFFFF).all()
+    c.close()

@@ -438,7 +438,7 @@ def test_comigration_of_the_guest_program(hosts, tmp_path):
             c.request()
             c.wait_for_update()
             fb = c.fb.copy()
-            mapped = lt.call(lambda: agent.display.framebuffer().copy())
+            mapped = lt.call(lambda: agent.display.live().copy())
             hits = find_text((fb & 0xFFFFFF) != DEFAULT_BG, line[:40])
             # The output starts a row (the command line has it after "$ echo ").
             if np.array_equal(fb & 0xFFFFFF, mapped & 0xFFFFFF) and any(

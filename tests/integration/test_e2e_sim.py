@@ -75,7 +75,7 @@ class Stack:
                              for d in ("vfb", "vkbd")), timeout=60, what="devices connected")
 
     def framebuffer(self) -> np.ndarray:
-        return self.lt.call(lambda: rgb(self.agent.display.framebuffer().copy()))
+        return self.lt.call(lambda: rgb(self.agent.display.live().copy()))
 
     def events(self) -> list[dict]:
         return [json.loads(x) for x in self.key_log.read_text().splitlines()]

@@ -75,13 +75,19 @@ def unplug(xs: XenStore, be_domid: int, fe_domid: int, devid: int = 0) -> None:
 
 
 class VfbDisplay(DisplaySource):
-    """The guest's screen as an RFB display source."""
+    """The guest's screen as an RFB display source.
+
+    Viewers are served from a copy (``framebuffer()``), updated from the guest's pixels
+    (:meth:`live`) only where the guest reported drawing and the pixels differ
+    (:meth:`changed`), as QEMU's VNC server serves from its server surface.  Why a copy and
+    not the mapped memory: what a viewer is sent must be what was compared; served from
+    live memory, a pixel the guest changed and changed back between our compare and a
+    viewer's send would reach the viewer in its passing state and never be corrected."""
 
     def __init__(self, width: int = 800, height: int = 600, name: str = "guest") -> None:
         super().__init__()
-        self._fb: np.ndarray = np.zeros((height, width), np.uint32)
-        #: The pixels viewers were last told about (see :meth:`changed`).
-        self._announced: np.ndarray = self._fb.copy()
+        self._live: np.ndarray = np.zeros((height, width), np.uint32)
+        self._fb: np.ndarray = self._live.copy()
         self._name = name
 
     @property
@@ -99,24 +105,28 @@ class VfbDisplay(DisplaySource):
     def framebuffer(self) -> np.ndarray:
         return self._fb
 
+    def live(self) -> np.ndarray:
+        """The guest's pixels now (a view over its memory, or the converted buffer)."""
+        return self._live
+
     def attach(self, fb: np.ndarray) -> None:
-        """Show ``fb`` (a view over guest memory or a shadow); viewers get a resize or a full
-        refresh."""
+        """Show ``fb`` (a view over guest memory or a converted buffer); viewers get a resize
+        or a full refresh."""
         resized = fb.shape != self._fb.shape
-        self._fb = fb
-        self._announced = np.array(fb, copy=True)
+        self._live = fb
+        self._fb = np.array(fb, copy=True)
         if resized:
             self.notify_resized(0)
         else:
             self.notify_damage(Rect(0, 0, self.width, self.height))
 
     def detach(self) -> None:
-        """The mapping is about to go: keep a private copy of the last picture."""
-        self._fb = np.array(self._fb, copy=True)
+        """The mapping is about to go: viewers keep the last picture (the copy)."""
+        self._live = self._fb.copy()
 
     def changed(self, rect: Rect) -> Rect | None:
-        """The bounding box of the pixels in ``rect`` that differ from what viewers were last
-        told about (None: none do), which is remembered from now on.
+        """Copy the guest's pixels in ``rect`` to what viewers are served; the bounding box of
+        those that differ (None: none do).
 
         Why: fbcon draws more than it changes (a clear to the end of an empty line, a blink
         over the same glyph), and a viewer pays for every pixel sent: bytes, and on an
@@ -126,8 +136,8 @@ class VfbDisplay(DisplaySource):
         compared and remembered is one snapshot, so a later write differs from it and is
         found when the guest reports it."""
         x, y, w, h = rect.x, rect.y, rect.w, rect.h
-        snap = self._fb[y:y + h, x:x + w].copy()
-        seen = self._announced[y:y + h, x:x + w]
+        snap = self._live[y:y + h, x:x + w].copy()
+        seen = self._fb[y:y + h, x:x + w]
         diff = snap != seen
         rows = np.flatnonzero(diff.any(axis=1))
         if rows.size == 0:
@@ -257,7 +267,7 @@ class VfbBackend(BackendDevice):
                 x, y, w, h = r
                 if self._raw is not None:
                     bpp = self.depth // 8 if self.depth != 24 else 3
-                    display.framebuffer()[y:y + h, x:x + w] = _convert(
+                    display.live()[y:y + h, x:x + w] = _convert(
                         self._raw[y:y + h, x * bpp:(x + w) * bpp], self.depth)
                 damage.add(Rect(x, y, w, h))
             elif isinstance(ev, F.XenfbResize):
