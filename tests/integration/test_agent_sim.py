@@ -421,3 +421,29 @@ def test_a_change_undone_before_a_viewer_is_served_never_strands_it(rig):
     c.wait_for_update()
     assert (c.fb[0:16, 0:8] & 0xFFFFFF == 0xFFFFFF).all()
     c.close()
+
+
+def test_fresh_pixels_at_send_reach_every_viewer(rig):
+    """At a viewer's send the copy is brought up to date from the guest's memory for what it
+    is sent (the glyph is often drawn before its UPDATE is read); what that changed is told
+    to every viewer, so one that was served earlier is not left with the old pixels."""
+    kbd, fb = connect_both(rig)
+    a, b = RawClient("127.0.0.1", rig.port), RawClient("127.0.0.1", rig.port)
+    a.full_frame()
+    b.full_frame()                                   # no requests outstanding now
+    fb.draw(0, 0, 8, 16, 0x00FFFFFF)                 # X, reported: dirty for both
+    rig.wait(lambda: fb.page.out_cons == 1, what="X consumed")
+    b.request()
+    b.wait_for_update()                              # b: X
+    assert (b.fb[0:16, 0:8] & 0xFFFFFF == 0xFFFFFF).all()
+    fb.draw(0, 0, 8, 16, 0x000000FF, send=False)     # Y, its UPDATE not sent yet
+    a.request()
+    a.wait_for_update()                              # a: Y, fresh from guest memory
+    assert (a.fb[0:16, 0:8] & 0xFFFFFF == 0x0000FF).all()
+    fb.send(F.XenfbUpdate(x=0, y=0, width=8, height=16))
+    rig.wait(lambda: fb.page.out_cons == 2, what="Y's UPDATE consumed")
+    b.request()
+    b.wait_for_update()                              # b learns Y from a's send
+    assert (b.fb[0:16, 0:8] & 0xFFFFFF == 0x0000FF).all()
+    a.close()
+    b.close()

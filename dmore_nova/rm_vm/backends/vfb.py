@@ -124,6 +124,14 @@ class VfbDisplay(DisplaySource):
         """The mapping is about to go: viewers keep the last picture (the copy)."""
         self._live = self._fb.copy()
 
+    def sync(self, rect: Rect) -> None:
+        """Before a viewer is sent ``rect``: what the guest drew there since, even if its
+        UPDATE is still in the ring (fbcon's glyph usually is by then), goes into the copy and
+        to every viewer, so the echo need not wait for one more update round trip."""
+        changed = self.changed(rect)
+        if changed is not None:
+            self.notify_damage(changed)
+
     def changed(self, rect: Rect) -> Rect | None:
         """Copy the guest's pixels in ``rect`` to what viewers are served; the bounding box of
         those that differ (None: none do).

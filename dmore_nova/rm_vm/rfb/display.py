@@ -103,6 +103,11 @@ class DisplaySource(abc.ABC):
         """A (height, width) ``uint32`` array of 0x00RRGGBB pixels (may be a strided view over
         guest memory: read it, never write it, and copy what must not change under you)."""
 
+    def sync(self, rect: Rect) -> None:
+        """A viewer is about to be sent ``rect``: a display that serves viewers a copy brings
+        it up to date there, telling every viewer what changed (``notify_damage``).  Default:
+        nothing (the framebuffer is the picture)."""
+
     def cursor(self) -> Cursor | None:
         """The pointer shape viewers should draw locally (Cursor pseudo-encoding), or None to
         leave the client's own cursor."""

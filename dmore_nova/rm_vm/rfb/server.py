@@ -355,6 +355,8 @@ class Viewer(asyncio.Protocol):
             if encoder is None:  # no SetEncodings yet: Raw, which every client decodes
                 encoder = self.encoder = self.encoders.setdefault(C.ENC_RAW,
                                                                   make_encoder(C.ENC_RAW))
+            for rect in list(self.dirty):
+                display.sync(rect)  # the freshest pixels (what changed also goes to the others)
             fb = display.framebuffer()
             limit = conn.continuous_updates
             for rect in self.dirty.take():
