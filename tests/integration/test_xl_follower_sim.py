@@ -48,14 +48,16 @@ def wait(pred, what: str, timeout: float = 60.0):
 
 
 class Agent:
-    """``python -m dmore_nova.cmd.rm_agent`` serving ``guest`` on the sim host."""
+    """``python -m dmore_nova.cmd.rm_agent`` serving ``guest`` on the sim host, with the
+    ``[agent]`` option ``option`` switched on; its start banner must contain ``banner``."""
 
-    def __init__(self, host, guest: int, tmp: Path) -> None:
+    def __init__(self, host, guest: int, tmp: Path, option: str = "follow_xl_migrate",
+                 banner: str = "following xl migrate of 'guest'") -> None:
         self.status_path = tmp / "status.json"
         self.log_path = tmp / "agent.log"
         conf = tmp / "agent.conf"
         conf.write_text(f"[agent]\nxen = sim\nsim_run_dir = {host.run_dir}\n"
-                        f"guest_domid = {guest}\nplug_vfb = true\nfollow_xl_migrate = true\n"
+                        f"guest_domid = {guest}\nplug_vfb = true\n{option} = true\n"
                         f"status_file = {self.status_path}\n[rfb]\nport = 0\n")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dmore_nova.cmd.rm_agent", "--config-file", str(conf),
@@ -68,7 +70,7 @@ class Agent:
             if not line:
                 raise RuntimeError(f"agent exited: {self.log()[-3000:]}")
         self.port = int(line.split("console on ")[1].split(",")[0].rsplit(":", 1)[1])
-        assert "following xl migrate of 'guest'" in line, line
+        assert banner in line, line
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""

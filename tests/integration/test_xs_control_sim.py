@@ -13,9 +13,6 @@ rename, re-homes and replays -- the RM VM's side of a co-migration, without the 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,49 +22,17 @@ from dmore_nova.rm_vm.control import ACK_KEY, REQUEST_KEY
 from dmore_nova.xen.io import kbdif as K
 from tests.integration.rawclient import RawClient
 from tests.integration.test_agent_real_xen_fixes import keys_of, plug_vinput, typed
-from tests.integration.test_xl_follower_sim import connect, type_keys, wait
+from tests.integration.test_xl_follower_sim import Agent, connect, type_keys, wait
 
 REPO = Path(__file__).resolve().parents[2]
 REQ = f"/local/domain/0/{REQUEST_KEY}"
 ACK = f"/local/domain/0/{ACK_KEY}"
 
 
-class Agent:
-    def __init__(self, host, guest: int, tmp: Path) -> None:
-        self.status_path = tmp / "status.json"
-        self.log_path = tmp / "agent.log"
-        conf = tmp / "agent.conf"
-        conf.write_text(f"[agent]\nxen = sim\nsim_run_dir = {host.run_dir}\n"
-                        f"guest_domid = {guest}\nplug_vfb = true\nxenstore_control = true\n"
-                        f"status_file = {self.status_path}\n[rfb]\nport = 0\n")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dmore_nova.cmd.rm_agent", "--config-file", str(conf),
-             "--log-file", str(self.log_path)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO)})
-        line = ""
-        while "console on" not in line:
-            line = self.proc.stdout.readline()
-            if not line:
-                raise RuntimeError(f"agent exited: {self.log()[-3000:]}")
-        self.port = int(line.split("console on ")[1].split(",")[0].rsplit(":", 1)[1])
-        assert "co-migration requests from dom0 in xenstore" in line, line
-
-    def log(self) -> str:
-        return self.log_path.read_text() if self.log_path.exists() else ""
-
-    def status(self) -> dict:
-        try:
-            return json.loads(self.status_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
-
-    def stop(self) -> int:
-        self.proc.terminate()
-        try:
-            return self.proc.wait(10)
-        finally:
-            self.proc.stdout.close()
+def start_agent(host, guest: int, tmp: Path) -> Agent:
+    """The agent with its xenstore control channel on (instead of following xl itself)."""
+    return Agent(host, guest, tmp, option="xenstore_control",
+                 banner="co-migration requests from dom0 in xenstore")
 
 
 @pytest.fixture
@@ -104,7 +69,7 @@ def test_requests_refused_prepare_resume_and_incoming(host, tmp_path):
             old = ts.create_domain("guest", 2048)
         kbd_be = plug_vinput(xs, old)
         xs.write(REQ, "1 prepare")  # left from an earlier agent: not acted on
-        agent = Agent(host, old, tmp_path)
+        agent = start_agent(host, old, tmp_path)
         kernels.append(host.kernel(old))
         kbd, fb = connect(xs, kernels[-1], old, kbd_be)
         c = RawClient("127.0.0.1", agent.port)
@@ -216,7 +181,7 @@ def test_a_request_while_incoming_waits_is_refused(host, tmp_path):
         with host.toolstack() as ts:
             old = ts.create_domain("guest", 2048)
         kbd_be = plug_vinput(xs, old)
-        agent = Agent(host, old, tmp_path)
+        agent = start_agent(host, old, tmp_path)
         kernels.append(host.kernel(old))
         connect(xs, kernels[-1], old, kbd_be)
         request(xs, "1 prepare", ("prepared",), agent)
