@@ -1,4 +1,4 @@
-"""dmore-nova: out-of-band VNC consoles that survive live migration (an OpenStack Nova extension)."""
+"""dmore-nova: out-of-band VNC consoles that survive live migration (a Nova extension)."""
 
 from setuptools import find_packages, setup
 

@@ -6,6 +6,10 @@ Readiness sources on the loop, nothing polled:
 * the xenstore watch fd (backend and frontend device directories of the guest),
 * the event-channel fd (the guest's vkbd and vfb ports).
 
+One bounded exception: after the vfb connects, and until the frontend's first UPDATE, its
+whole screen is compared at a few timed points (``vfb.UNREPORTED_CHECKS``; why in
+:attr:`VfbBackend.unreported`).
+
 Viewers' input goes to the vkbd backend; the vfb backend feeds the display the viewers see.  The
 agent only takes a :class:`~dmore_nova.xen.api.Xen`: it runs unchanged on real Xen and on the sim.
 
@@ -108,7 +112,12 @@ class RMAgent:
                          display=self.display, videoram_mb=self.videoram_mb,
                          width=self.width, height=self.height)
         vkbd.display_size = lambda: (self.display.width, self.display.height)
+        vfb.call_later = lambda delay, fn: self._call_later(vfb, delay, fn)
         return vkbd, vfb
+
+    def _call_later(self, dev: BackendDevice, delay: float, fn: Callable[[], None]) -> None:
+        if self._loop is not None:
+            self._loop.call_later(delay, self._guard, dev, fn)
 
     @property
     def devices(self) -> tuple[BackendDevice, ...]:

@@ -447,3 +447,70 @@ def test_fresh_pixels_at_send_reach_every_viewer(rig):
     assert (b.fb[0:16, 0:8] & 0xFFFFFF == 0x0000FF).all()
     a.close()
     b.close()
+
+
+def wait_for_pixels(c: RawClient, rows: slice, cols: slice, color: int,
+                    timeout: float) -> None:
+    """Ask for updates until the viewer shows ``color`` there (AssertionError after
+    ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while not (c.fb[rows, cols] & 0xFFFFFF == color).all():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"the viewer never showed {color:#08x} at {rows}, {cols}")
+        c.request()
+        try:
+            c.wait_for_update(timeout=left)
+        except OSError:  # socket timeout
+            continue
+
+
+def connect_fb_with_viewer(rig: Rig) -> tuple[ManualFb, RawClient]:
+    """A viewer that holds the picture from before the frontend connected, the frontend
+    connected and the viewer served its picture, the frontend *not* yet told Connected: what
+    the guest draws now is drawn before xen-fbfront read ``request-update`` (it sends no
+    UPDATE for it: ``xenfb_refresh`` returns while ``update_wanted`` is 0)."""
+    rig.wait(lambda: rig.be_state("vfb") == XenbusState.InitWait, what="vfb InitWait")
+    c = RawClient("127.0.0.1", rig.port)
+    c.full_frame()
+    fb = ManualFb(rig.kernel, 0)
+    fb.publish()
+    rig.wait(lambda: rig.be_state("vfb") == XenbusState.Connected, what="vfb Connected")
+    deadline = time.monotonic() + 5.0
+    while (c.width, c.height) != (fb.width, fb.height):   # with it, the whole picture
+        assert time.monotonic() < deadline, "the viewer was never told the new size"
+        c.request()
+        c.wait_for_update()
+    return fb, c
+
+
+def test_pixels_drawn_before_the_frontend_wants_updates_reach_viewers(rig):
+    """xen-fbfront reads ``request-update`` only when it sees us Connected: what it draws
+    before that is in its memory but never reported (fbcon drawing held keys replayed at a
+    migration's end, and then the typist stops).  The whole screen is compared again until
+    the frontend's first UPDATE shows it reads our ``request-update``."""
+    fb, c = connect_fb_with_viewer(rig)
+    fb.draw(40, 40, 8, 16, 0x00FFFFFF, send=False)
+    fb.publish(XenbusState.Connected)
+    wait_for_pixels(c, slice(40, 56), slice(40, 48), 0xFFFFFF, 3.0)
+    c.close()
+
+
+def test_first_update_after_connect_compares_the_whole_screen(rig, monkeypatch):
+    """The frontend's first UPDATE proves it reads ``request-update``; what it drew before
+    is in memory by then: one whole-screen compare finds it, with no timer needed."""
+    from dmore_nova.rm_vm.backends import vfb as vfb_mod
+
+    monkeypatch.setattr(vfb_mod, "UNREPORTED_CHECKS", ())
+    fb, c = connect_fb_with_viewer(rig)
+    fb.draw(40, 40, 8, 16, 0x00FFFFFF, send=False)
+    fb.publish(XenbusState.Connected)
+    fb.draw(200, 100, 4, 4, 0x000000FF)
+    wait_for_pixels(c, slice(100, 104), slice(200, 204), 0x0000FF, 3.0)
+    assert (c.fb[40:56, 40:48] & 0xFFFFFF == 0xFFFFFF).all()
+    # Later UPDATEs are compared where they say, as before.
+    fb.draw(0, 180, 8, 16, 0x00FFFFFF, send=False)
+    fb.draw(300, 190, 1, 1, 0x00FF0000)
+    wait_for_pixels(c, slice(190, 191), slice(300, 301), 0xFF0000, 3.0)
+    assert (c.fb[180:196, 0:8] & 0xFFFFFF == 0).all()
+    c.close()

@@ -18,6 +18,8 @@ Every value in the shared page and in RESIZE events is guest-written: checked ag
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from dmore_nova.rm_vm.backends.xenbus import BackendDevice, DeviceError, parse_uint
@@ -32,6 +34,9 @@ PAGE = 4096
 MAX_DIM = 4096            # largest width/height accepted from a guest
 MAX_VIDEORAM_MB = 64      # largest framebuffer we offer/accept
 SUPPORTED_DEPTHS = (16, 24, 32)
+#: Seconds between whole-screen compares after a connect, while the frontend has sent no
+#: UPDATE (:attr:`VfbBackend.unreported`); 12.75 s in all, then the guest is left to report.
+UNREPORTED_CHECKS = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4)
 
 
 def plug(xs: XenStore, be_domid: int, fe_domid: int, devid: int = 0) -> tuple[str, str]:
@@ -190,6 +195,19 @@ class VfbBackend(BackendDevice):
         self.offset = 0
         self.updates = 0
         self._raw: np.ndarray | None = None  # guest bytes, when a shadow conversion is needed
+        #: Connected, and no UPDATE from the frontend yet.  xen-fbfront reads our
+        #: ``request-update`` only when it sees us Connected (``xenfb_backend_changed``), and
+        #: until then draws without telling (``xenfb_refresh`` returns while ``update_wanted``
+        #: is 0): after a migration that is fbcon echoing the held keys replayed into the new
+        #: ring.  The copy taken at connect misses those pixels, and if the guest then goes
+        #: quiet no UPDATE ever covers them.  When the window closes cannot be seen (a
+        #: xenstore read fires no watch), so: the first UPDATE proves it closed, and the whole
+        #: screen is compared then; until then, at :data:`UNREPORTED_CHECKS`.
+        self.unreported = False
+        self._connection = 0
+        #: How the owner runs ``fn`` after ``delay`` seconds (the agent: its loop's
+        #: ``call_later``, errors guarded); None: only the first UPDATE ends the window.
+        self.call_later: Callable[[float, Callable[[], None]], object] | None = None
 
     # -- xenbus hooks ----------------------------------------------------------------------
     def write_features(self) -> None:
@@ -226,6 +244,30 @@ class VfbBackend(BackendDevice):
         self.fb_mapping = self.xen.map_foreign(self.fe_domid, frames, writable=False)
         self._configure(p.width, p.height, p.line_length, p.depth, 0)
         self.bind()
+        self._connection += 1
+        self.unreported = True
+        self._schedule_check(self._connection, 0)
+
+    def _schedule_check(self, connection: int, step: int) -> None:
+        if self.call_later is not None and step < len(UNREPORTED_CHECKS):
+            self.call_later(UNREPORTED_CHECKS[step],
+                            lambda: self._unreported_check(connection, step))
+
+    def _unreported_check(self, connection: int, step: int) -> None:
+        """One timed whole-screen compare of :attr:`unreported`, for this connection only."""
+        if connection != self._connection or not self.unreported or self.fbpage is None:
+            return
+        changed = self._pull_all()
+        if changed is not None:
+            self.display.notify_damage(changed)
+            self.display.notify_flush()
+        self._schedule_check(connection, step + 1)
+
+    def _pull_all(self) -> Rect | None:
+        """Compare the whole screen with what viewers have (converted first, for a shadow)."""
+        if self._raw is not None:
+            self.display.live()[...] = _convert(self._raw, self.depth)
+        return self.display.changed(Rect(0, 0, self.display.width, self.display.height))
 
     def _configure(self, width: int, height: int, stride: int, depth: int, offset: int) -> None:
         """Validate a geometry against the mapped framebuffer and show it."""
@@ -266,9 +308,11 @@ class VfbBackend(BackendDevice):
             raise DeviceError(f"out ring: {exc}") from None
         display = self.display
         damage = Region()
+        reported = False
         for ev in events:
             if isinstance(ev, F.XenfbUpdate):
                 self.updates += 1
+                reported = True
                 r = ev.clip(display.width, display.height)
                 if r is None:
                     continue
@@ -283,6 +327,11 @@ class VfbBackend(BackendDevice):
                 self._configure(ev.width, ev.height, ev.stride, ev.depth, ev.offset)
             else:
                 self.log.info("%s: skipped out event: %s", self.name, ev)
+        if reported and self.unreported:
+            self.unreported = False   # it reads request-update: what it drew before is in memory
+            changed = self._pull_all()
+            if changed is not None:
+                display.notify_damage(changed)
         self._damage(damage)
         # xen-fbfront waits for our notify only when it found the out ring full: it then
         # keeps its dirty rectangle and sends it from its event handler
@@ -305,6 +354,8 @@ class VfbBackend(BackendDevice):
                 self.display.notify_damage(changed)
 
     def disconnect(self) -> None:
+        self.unreported = False
+        self._connection += 1   # timed checks of this connection do nothing
         self.display.detach()
         if self.fb_mapping is not None:
             self._raw = None
