@@ -514,3 +514,86 @@ def test_first_update_after_connect_compares_the_whole_screen(rig, monkeypatch):
     wait_for_pixels(c, slice(190, 191), slice(300, 301), 0xFF0000, 3.0)
     assert (c.fb[180:196, 0:8] & 0xFFFFFF == 0).all()
     c.close()
+
+
+def test_the_guest_consuming_keys_wakes_the_agent_only_when_events_wait(rig):
+    """xen-kbdfront notifies after every batch it consumes, once per key, while the guest
+    works on the echo.  With nothing waiting for ring space the agent leaves the port masked
+    after it fired; once events wait (the ring is full) the guest's consume
+    wakes it again and they arrive, in order."""
+    kbd, fb = connect_both(rig)
+    c = RawClient("127.0.0.1", rig.port)
+    c.full_frame()
+    c.key(ord("z"), True)                            # the port fires once, at least
+    c.key(ord("z"), False)
+    assert len(wait_kbd(kbd, 2)) == 2
+    c.request()
+    fb.draw(0, 0, 1, 1, 0x000000FF)
+    c.wait_for_update()
+    evtchns, port = rig.agent.evtchns, rig.agent.vkbd.port
+    delivered: list[int] = []
+    pending_ports = evtchns.pending_ports
+
+    def spy(*args, **kwargs):
+        ports = pending_ports(*args, **kwargs)
+        delivered.extend(ports)
+        return ports
+
+    evtchns.pending_ports = spy  # type: ignore[method-assign]
+    for ch in "abcdefghij":
+        c.key(ord(ch), True)
+        c.key(ord(ch), False)
+        assert len(wait_kbd(kbd, 2)) == 2            # consumed, the guest notified
+    c.request()                                      # a round trip through the agent's loop
+    fb.draw(0, 0, 1, 1, 0x00FFFFFF)
+    c.wait_for_update()
+    assert delivered.count(port) == 0
+    # Now more than the ring holds: the rest waits, and the guest's consume must wake us.
+    letters = [ord(ch) for ch in "abcdefghijklmnopqrstuvwxyz"] * 2
+    for ks in letters:
+        c.key(ks, True)
+        c.key(ks, False)
+    rig.wait(lambda: len(rig.agent.vkbd.queue) > 0, what="events waiting for ring space")
+    got = [e for e in wait_kbd(kbd, 2 * len(letters), timeout=10)
+           if isinstance(e, K.XenkbdKey) and e.pressed]
+    assert [e.keycode for e in got] == [keymap.keysym_to_linux(ks)[0] for ks in letters]
+    assert delivered.count(port) > 1
+    c.close()
+
+
+def test_an_update_reaches_a_waiting_viewer_in_the_same_loop_turn(rig):
+    """What the guest reports is sent to a viewer with a request outstanding from within the
+    event-channel handler: a send scheduled for the loop's next turn would cost that turn
+    (epoll_wait and a clock read, system calls of ~0.1-0.2 ms each in a PV dom0 under
+    emulation) for an update the flush already sent."""
+    kbd, fb = connect_both(rig)
+    c = RawClient("127.0.0.1", rig.port)
+    c.full_frame()
+    vfb, loop = rig.agent.vfb, rig.lt.loop
+    in_handler = [False]
+    scheduled: list[str] = []
+    on_event, call_soon = vfb.on_event, loop.call_soon
+
+    def spy_on_event() -> None:
+        in_handler[0] = True
+        try:
+            on_event()
+        finally:
+            in_handler[0] = False
+
+    def spy_call_soon(callback, *args, **kwargs):
+        if in_handler[0]:
+            scheduled.append(getattr(callback, "__name__", repr(callback)))
+        return call_soon(callback, *args, **kwargs)
+
+    vfb.on_event = spy_on_event                       # type: ignore[method-assign]
+    loop.call_soon = spy_call_soon                    # type: ignore[method-assign]
+    try:
+        for i in range(5):
+            c.request()
+            fb.draw(8 * i, 0, 8, 16, 0x00FFFFFF)
+            assert [r[:4] for r in c.wait_for_update()] == [(8 * i, 0, 8, 16)]
+    finally:
+        del loop.call_soon
+    assert "_send_update" not in scheduled, scheduled
+    c.close()

@@ -191,11 +191,11 @@ class Viewer(asyncio.Protocol):
     # -- DisplayListener -------------------------------------------------------------------
     def damage(self, rect: Rect) -> None:
         self.dirty.add(rect)
-        self._schedule_send()
+        if not self.server.display.batching:
+            self._schedule_send()
 
     def flush(self) -> None:
-        if self._send_handle is not None:
-            self._send_update()
+        self._send_update()
 
     def resized(self, width: int, height: int, reason: int) -> None:
         if self.conn is None:
