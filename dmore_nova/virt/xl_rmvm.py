@@ -51,14 +51,19 @@ with its timing, every failure reported with what was and was not undone:
    the RM VM has its new domid and its name back (the other order leaves the guest's backends
    under the old RM VM's directory, which libxl deletes with it).  The RM VM's address moves
    with its vif.
-3. ``migrate-guest`` -- ``xl migrate`` of the guest starts; dom0 waits for its incoming domain
-   (``<guest>--incoming``).
+3. ``migrate-guest`` -- ``xl migrate -p`` of the guest starts; dom0 waits for its incoming
+   domain (``<guest>--incoming``).
 4. ``target-incoming`` -- :func:`grant_target` for the new RM VM over the incoming domain.
 5. ``agent-incoming`` -- the agent is told ``incoming <domid> <guest>``: it plugs the vfb of
    the incoming domain before it resumes and acknowledges ``plugged``.
-6. ``guest-switchover`` -- ``xl migrate`` of the guest completes (the guest runs at the
-   destination).
-7. ``agent-rehome`` -- the agent saw xl rename the domain, re-homed, re-mapped and re-bound
+6. ``guest-switchover`` -- ``xl migrate`` of the guest completes; ``-p`` leaves it paused at
+   the destination.
+7. ``guest-unpause`` -- ``xl unpause``: the guest resumes only now.  Why not let xl unpause
+   it: a resumed xen-fbfront re-reads ``device/vfb/<devid>`` once, so the vfb must be plugged
+   (step 5) before the guest runs; left to xl, that was a race between the agent (in an RM VM
+   that had just migrated) and the end of the restore.  The guest is unpaused whatever
+   happened to its console: a paused guest would be worse than a blank one.
+8. ``agent-rehome`` -- the agent saw xl rename the domain, re-homed, re-mapped and re-bound
    both devices, replayed the held input, refreshed the viewers: ack ``done``.
 
 Failures: a failed ``prepare`` (error ack or none in time) and a failed ``xl migrate`` of the
@@ -202,11 +207,13 @@ class WaitAck:
 @dataclass(frozen=True)
 class Migrate:
     """Start ``xl migrate NAME``; with ``report_incoming``, answer :class:`IncomingSeen` as soon
-    as ``<NAME>--incoming`` exists (xl goes on), else :class:`MigrateEnded`."""
+    as ``<NAME>--incoming`` exists (xl goes on), else :class:`MigrateEnded`.  ``paused``: the
+    domain stays paused at the destination (``xl migrate -p``)."""
 
     name: str
     report_incoming: bool
     timeout: float
+    paused: bool = False
 
 
 @dataclass(frozen=True)
@@ -215,6 +222,13 @@ class WaitMigrate:
 
     name: str
     timeout: float
+
+
+@dataclass(frozen=True)
+class Unpause:
+    """``xl unpause DOMID``."""
+
+    domid: int
 
 
 @dataclass(frozen=True)
@@ -228,7 +242,7 @@ class Finish:
     report: dict[str, Any]
 
 
-Command = SendRequest | WaitAck | Migrate | WaitMigrate | GrantTarget | Finish
+Command = SendRequest | WaitAck | Migrate | WaitMigrate | GrantTarget | Unpause | Finish
 
 
 @dataclass(frozen=True)
@@ -266,7 +280,16 @@ class Granted:
     result: TargetResult
 
 
-Observation = Sent | AckSeen | AckMissing | IncomingSeen | MigrateEnded | Granted
+@dataclass(frozen=True)
+class Unpaused:
+    """``was_paused``: what ``xl list`` said before (None: could not tell)."""
+
+    rc: int | None
+    output: str
+    was_paused: bool | None = None
+
+
+Observation = Sent | AckSeen | AckMissing | IncomingSeen | MigrateEnded | Granted | Unpaused
 
 
 class State(enum.Enum):
@@ -276,6 +299,7 @@ class State(enum.Enum):
     TARGET_INCOMING = "target-incoming"
     AGENT_INCOMING = "agent-incoming"
     GUEST_SWITCHOVER = "guest-switchover"
+    GUEST_UNPAUSE = "guest-unpause"
     AGENT_REHOME = "agent-rehome"
     ROLLBACK = "rollback"
     DONE = "done"
@@ -388,7 +412,7 @@ class CoMigration:
         if obs.rc == 0 and obs.domid is not None and obs.domid != old:
             self.report["rmvm_new"] = obs.domid
             self._enter(State.MIGRATE_GUEST)
-            return Migrate(self.guest, True, self.migrate_timeout)
+            return Migrate(self.guest, True, self.migrate_timeout, paused=True)
         if obs.rc is None:
             return self._finish(State.FAILED, f"xl migrate {self.rmvm} still running after "
                                               f"{self.migrate_timeout:.0f} s: input stays "
@@ -489,8 +513,23 @@ class CoMigration:
             return self._finish(State.FAILED, self._no_rollback(
                 f"xl migrate {self.guest} {what}" + (f"; {self._failure}" if self._failure
                                                      else "")))
+        if obs.domid is None:
+            return self._finish(State.FAILED, f"xl migrate {self.guest} succeeded but no "
+                                              f"domain is named {self.guest!r}")
+        self._enter(State.GUEST_UNPAUSE)
+        return Unpause(obs.domid)
+
+    def _on_guest_unpause(self, obs: Observation) -> Command:
+        if not isinstance(obs, Unpaused):
+            raise self._unexpected(obs)
+        self._step(rc=obs.rc, was_paused=obs.was_paused, output=obs.output[-OUTPUT_TAIL:])
+        new = self.report["guest_new"]
+        if obs.rc != 0:
+            return self._finish(State.FAILED, f"the guest migrated (dom{new}) but xl unpause "
+                                              f"failed (rc {obs.rc}): it stays paused"
+                                + (f"; {self._failure}" if self._failure else ""))
         if self._failure is not None:
-            return self._finish(State.FAILED, f"the guest migrated (dom{obs.domid}) but "
+            return self._finish(State.FAILED, f"the guest migrated (dom{new}) but "
                                               f"{self._failure}")
         self._enter(State.AGENT_REHOME)
         if self._early_done is not None:
@@ -517,9 +556,34 @@ class CoMigration:
 
 # -- the I/O: xl and dom0's xenstore ---------------------------------------------------------
 
-def xl_migrate_argv(name: str) -> list[str]:
-    """``xl migrate`` to this host (module docstring: Limits)."""
+def xl_migrate_argv(name: str, paused: bool = False) -> list[str]:
+    """``xl migrate`` to this host (module docstring: Limits).  With ``-s ""`` xl runs the
+    host argument as the receiver's command line, so ``-p`` goes into it too
+    (``migrate-receive -p``: the domain is not unpaused at the end)."""
+    if paused:
+        return ["xl", "migrate", "-p", "-s", "", name, "xl migrate-receive -p"]
     return ["xl", "migrate", "-s", "", name, "xl migrate-receive"]
+
+
+def xl_unpause_argv(domid: int) -> list[str]:
+    return ["xl", "unpause", str(domid)]
+
+
+def xl_paused(domid: int) -> bool | None:
+    """Is the domain paused (``p`` in ``xl list``'s State column)?  None: could not tell."""
+    try:
+        p = subprocess.run(["xl", "list", str(domid)], capture_output=True, text=True,
+                           timeout=UNPAUSE_TIMEOUT)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    rows = p.stdout.splitlines()
+    if p.returncode != 0 or len(rows) < 2 or len(rows[1].split()) < 5:
+        return None
+    return "p" in rows[1].split()[4]
+
+
+#: Seconds ``xl unpause`` may take.
+UNPAUSE_TIMEOUT = 120.0
 
 
 def argv_text(argv: Sequence[str]) -> str:
@@ -534,10 +598,12 @@ class XlToolstack:
     """
 
     def __init__(self, xs: XenStore, *,
-                 migrate_argv: Callable[[str], Sequence[str]] = xl_migrate_argv,
+                 migrate_argv: Callable[[str, bool], Sequence[str]] = xl_migrate_argv,
+                 unpause_argv: Callable[[int], Sequence[str]] = xl_unpause_argv,
+                 paused: Callable[[int], bool | None] = xl_paused,
                  set_target: Callable[[int, int], None] | None = None) -> None:
         self.xs = xs
-        self.migrate_argv = migrate_argv
+        self.migrate_argv, self.unpause_argv, self.paused = migrate_argv, unpause_argv, paused
         self.set_target = set_target
         self._proc: subprocess.Popen | None = None
         self._out: list[bytes] = []
@@ -595,17 +661,19 @@ class XlToolstack:
                 return AckMissing(f"reading dom{cmd.domid}'s ack: {exc}")
         if isinstance(cmd, Migrate):
             try:
-                return self.migrate(cmd.name, cmd.report_incoming, cmd.timeout)
+                return self.migrate(cmd.name, cmd.report_incoming, cmd.timeout, cmd.paused)
             except OSError as exc:  # xl missing, or xenstore while looking for the domain
                 if self._proc is not None and self._proc.poll() is None:
                     return self._ended(cmd.name, cmd.timeout)
-                return MigrateEnded(127, f"{argv_text(self.migrate_argv(cmd.name))}: {exc}",
-                                    self._find_quietly(cmd.name))
+                argv = argv_text(self.migrate_argv(cmd.name, cmd.paused))
+                return MigrateEnded(127, f"{argv}: {exc}", self._find_quietly(cmd.name))
         if isinstance(cmd, WaitMigrate):
             return self._ended(cmd.name, cmd.timeout)
         if isinstance(cmd, GrantTarget):
             return Granted(grant_target(self.xs, cmd.rmvm, cmd.guest,
                                         set_target=self.set_target))
+        if isinstance(cmd, Unpause):
+            return self.unpause(cmd.domid)
         raise TypeError(f"not a command: {cmd!r}")
 
     def send(self, domid: int, text: str) -> None:
@@ -650,9 +718,21 @@ class XlToolstack:
             except XenError as exc:
                 LOG.debug("unwatch %s: %s", path, exc)
 
-    def migrate(self, name: str, report_incoming: bool,
-                timeout: float) -> IncomingSeen | MigrateEnded:
-        argv = list(self.migrate_argv(name))
+    def unpause(self, domid: int) -> Unpaused:
+        was_paused = self.paused(domid)
+        argv = list(self.unpause_argv(domid))
+        try:
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=UNPAUSE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return Unpaused(None, f"{argv_text(argv)}: still running after "
+                                  f"{UNPAUSE_TIMEOUT:.0f} s", was_paused)
+        except OSError as exc:
+            return Unpaused(127, f"{argv_text(argv)}: {exc}", was_paused)
+        return Unpaused(p.returncode, p.stdout + p.stderr, was_paused)
+
+    def migrate(self, name: str, report_incoming: bool, timeout: float,
+                paused: bool = False) -> IncomingSeen | MigrateEnded:
+        argv = list(self.migrate_argv(name, paused))
         LOG.info("running %s", argv)
         self._out = []
         self._proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

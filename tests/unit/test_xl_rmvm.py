@@ -8,6 +8,7 @@ import ctypes
 import errno
 import itertools
 import json
+import subprocess
 
 import pytest
 
@@ -27,9 +28,12 @@ from dmore_nova.virt.xl_rmvm import (
     Sent,
     State,
     TargetResult,
+    Unpause,
+    Unpaused,
     WaitAck,
     WaitMigrate,
     grant_target,
+    xl_migrate_argv,
 )
 from dmore_nova.xen import api
 from dmore_nova.xen.real import libs, toolstack
@@ -73,7 +77,7 @@ def happy_until_incoming() -> list:
         (SendRequest(R_OLD, Request("1", Verb.PREPARE)), Sent()),
         (WaitAck(R_OLD, "1", ("prepared",), 10), ack("1", "prepared", seconds=0.2)),
         (Migrate("rmvm", False, 20), MigrateEnded(0, "Migration successful.", R_NEW)),
-        (Migrate("guest", True, 20), IncomingSeen(INCOMING)),
+        (Migrate("guest", True, 20, paused=True), IncomingSeen(INCOMING)),
         (GrantTarget(R_NEW, INCOMING), Granted(OK_GRANT)),
         (SendRequest(R_NEW, Request("2", Verb.INCOMING, INCOMING, "guest")), Sent()),
         (WaitAck(R_NEW, "2", ("plugged", "done", "devices-not-connected"), 30),
@@ -85,9 +89,10 @@ def test_the_whole_protocol_in_order_with_timings():
     clock = Clock()
     m = machine(clock)
     cmds = [m.start()]
-    durations = iter([0.5, 1.0, 60.0, 3.0, 0.1, 0.2, 0.3, 90.0, 5.0])
+    durations = iter([0.5, 1.0, 60.0, 3.0, 0.1, 0.2, 0.3, 90.0, 0.4, 5.0])
     script = happy_until_incoming() + [
         (WaitMigrate("guest", 20), MigrateEnded(0, "Migration successful.", 7)),
+        (Unpause(7), Unpaused(0, "")),
         (WaitAck(R_NEW, "2", ("done", "devices-not-connected"), 40),
          ack("2", "done", replayed=12)),
     ]
@@ -103,9 +108,10 @@ def test_the_whole_protocol_in_order_with_timings():
     steps = [(s["what"], s["seconds"]) for s in report["steps"]]
     assert steps == [("prepare", 1.5), ("migrate-rmvm", 60.0), ("migrate-guest", 3.0),
                      ("target-incoming", 0.1), ("agent-incoming", 0.5),
-                     ("guest-switchover", 90.0), ("agent-rehome", 5.0)]
+                     ("guest-switchover", 90.0), ("guest-unpause", 0.4),
+                     ("agent-rehome", 5.0)]
     assert report["steps"][-1]["ack"]["replayed"] == 12
-    assert report["seconds"] == 160.1
+    assert report["seconds"] == 160.5
     assert m.state is State.DONE
 
 
@@ -115,10 +121,11 @@ def test_agent_already_done_when_the_plug_ack_is_read():
         (WaitAck(R_NEW, "2", ("plugged", "done", "devices-not-connected"), 30),
          ack("2", "done")),
         (WaitMigrate("guest", 20), MigrateEnded(0, "", 7)),
+        (Unpause(7), Unpaused(0, "")),
     ]
     _cmds, report = drive(machine(), script)
-    assert report["ok"] and [s["what"] for s in report["steps"]][-2:] == [
-        "guest-switchover", "agent-rehome"]
+    assert report["ok"] and [s["what"] for s in report["steps"]][-3:] == [
+        "guest-switchover", "guest-unpause", "agent-rehome"]
 
 
 # -- rollback: nothing moved yet -----------------------------------------------------------
@@ -234,7 +241,8 @@ def test_rmvm_migration_still_running_after_timeout():
 
 def test_guest_migration_ends_before_its_incoming_domain_appears():
     script = happy_until_incoming()[:3] + [
-        (Migrate("guest", True, 20), MigrateEnded(1, "xl: cannot connect", G_OLD)),
+        (Migrate("guest", True, 20, paused=True), MigrateEnded(1, "xl: cannot connect",
+                                                            G_OLD)),
     ]
     _cmds, report = drive(machine(), script)
     assert report["state"] == "failed"
@@ -250,6 +258,7 @@ def test_refused_target_still_waits_for_the_guest_migration():
     script = happy_until_incoming()[:4] + [
         (GrantTarget(R_NEW, INCOMING), Granted(enotsup)),
         (WaitMigrate("guest", 20), MigrateEnded(0, "", 7)),
+        (Unpause(7), Unpaused(0, "")),  # the guest runs, without its console
     ]
     _cmds, report = drive(machine(), script)
     assert report["state"] == "failed" and report["guest_new"] == 7
@@ -268,6 +277,7 @@ def test_agent_not_taking_the_incoming_guest(obs, why):
     script = happy_until_incoming()[:-1] + [
         (WaitAck(R_NEW, "2", ("plugged", "done", "devices-not-connected"), 30), obs),
         (WaitMigrate("guest", 20), MigrateEnded(0, "", 7)),
+        (Unpause(7), Unpaused(0, "")),
     ]
     _cmds, report = drive(machine(), script)
     assert report["state"] == "failed"
@@ -294,12 +304,45 @@ def test_guest_migration_fails_after_the_plug(rc, what):
 def test_agent_rehome_failures(obs, why):
     script = happy_until_incoming() + [
         (WaitMigrate("guest", 20), MigrateEnded(0, "", 7)),
+        (Unpause(7), Unpaused(0, "")),
         (WaitAck(R_NEW, "2", ("done", "devices-not-connected"), 40), obs),
     ]
     _cmds, report = drive(machine(), script)
     assert report["state"] == "failed" and report["guest_new"] == 7
     assert report["error"].startswith("the guest migrated but the agent")
     assert report["error"].endswith(why)
+
+
+@pytest.mark.parametrize("rc, failure", [(1, None), (None, None), (1, "grant")])
+def test_guest_left_paused_when_xl_unpause_fails(rc, failure):
+    """xl migrate -p left the guest paused; if xl unpause fails the report says so (and
+    what else failed): the operator must unpause it."""
+    enotsup = TargetResult(R_NEW, INCOMING, "ENOTSUP", "ok", "ok")
+    script = (happy_until_incoming() if failure is None else happy_until_incoming()[:4] + [
+        (GrantTarget(R_NEW, INCOMING), Granted(enotsup))]) + [
+        (WaitMigrate("guest", 20), MigrateEnded(0, "", 7)),
+        (Unpause(7), Unpaused(rc, "libxl: error: domain 7 unpause failed")),
+    ]
+    _cmds, report = drive(machine(), script)
+    assert report["state"] == "failed"
+    assert report["error"].startswith(f"the guest migrated (dom7) but xl unpause failed "
+                                      f"(rc {rc}): it stays paused")
+    assert ("privilege over the incoming" in report["error"]) == (failure is not None)
+    assert report["steps"][-1]["output"] == "libxl: error: domain 7 unpause failed"
+
+
+def test_guest_migrated_without_a_domain_by_its_name_is_not_unpaused():
+    script = happy_until_incoming() + [(WaitMigrate("guest", 20), MigrateEnded(0, "", None))]
+    _cmds, report = drive(machine(), script)
+    assert report["state"] == "failed"
+    assert report["error"] == "xl migrate guest succeeded but no domain is named 'guest'"
+
+
+def test_xl_migrate_argv_leaves_the_guest_paused_at_the_destination():
+    """With ``-s ""`` xl runs its host argument as the receiver: ``-p`` must be there."""
+    assert xl_migrate_argv("rmvm") == ["xl", "migrate", "-s", "", "rmvm", "xl migrate-receive"]
+    assert xl_migrate_argv("guest", True) == ["xl", "migrate", "-p", "-s", "", "guest",
+                                              "xl migrate-receive -p"]
 
 
 def test_observations_out_of_place_are_protocol_errors():
@@ -309,6 +352,7 @@ def test_observations_out_of_place_are_protocol_errors():
         m.observe(IncomingSeen(9))
     _cmds, _report = drive(m2 := machine(), happy_until_incoming() + [
         (WaitMigrate("guest", 20), MigrateEnded(0, "", 7)),
+        (Unpause(7), Unpaused(0, "")),
         (WaitAck(R_NEW, "2", ("done", "devices-not-connected"), 40), ack("2", "done"))])
     with pytest.raises(ProtocolError, match="after the co-migration ended"):
         m2.observe(Sent())
@@ -504,7 +548,7 @@ def fast_machine(ts) -> CoMigration:
 def test_driver_xl_missing_rolls_back():
     from dmore_nova.virt.xl_rmvm import XlToolstack
     xs = Dom0Store({3: "rmvm", 4: "guest"}, agent_answering)
-    ts = XlToolstack(xs, migrate_argv=lambda n: ["/nonexistent/xl", "migrate", n])
+    ts = XlToolstack(xs, migrate_argv=lambda n, p: ["/nonexistent/xl", "migrate", n])
     report = ts.run(fast_machine(ts))
     assert report["state"] == "rolled-back", report
     assert report["steps"][1]["rc"] == 127
@@ -515,7 +559,7 @@ def test_driver_xl_missing_rolls_back():
 def test_driver_xl_failure_output_and_rollback():
     from dmore_nova.virt.xl_rmvm import XlToolstack
     xs = Dom0Store({3: "rmvm", 4: "guest"}, agent_answering)
-    ts = XlToolstack(xs, migrate_argv=lambda n: [
+    ts = XlToolstack(xs, migrate_argv=lambda n, p: [
         "sh", "-c", f"echo 'migration sender: {n} failed'; exit 3"])
     report = ts.run(fast_machine(ts))
     assert report["state"] == "rolled-back"
@@ -527,7 +571,7 @@ def test_driver_xl_failure_output_and_rollback():
 def test_driver_agent_silent_then_rollback_unanswered():
     from dmore_nova.virt.xl_rmvm import XlToolstack
     xs = Dom0Store({3: "rmvm", 4: "guest"}, lambda verb: None)
-    ts = XlToolstack(xs, migrate_argv=lambda n: ["true"])
+    ts = XlToolstack(xs, migrate_argv=lambda n, p: ["true"])
     report = ts.run(fast_machine(ts))
     assert report["state"] == "failed"
     assert report["error"].startswith("prepare: no prepared ack to request ")
@@ -565,3 +609,36 @@ def test_domid_of_names_and_numbers():
     assert (ts.domid_of("rmvm"), ts.domid_of("guest"), ts.domid_of("17")) == (3, 4, 17)
     with pytest.raises(LookupError, match="no domain named 'other'"):
         ts.domid_of("other")
+
+
+def test_driver_unpause_runs_xl_and_reports_its_failure():
+    from dmore_nova.virt.xl_rmvm import XlToolstack
+    xs = Dom0Store({3: "rmvm", 4: "guest"}, agent_answering)
+    ran: list[int] = []
+    ok = XlToolstack(xs, unpause_argv=lambda d: ran.append(d) or ["true"],
+                     paused=lambda d: True).unpause(7)
+    assert ran == [7] and ok == Unpaused(0, "", True)
+    bad = XlToolstack(xs, unpause_argv=lambda d: [
+        "sh", "-c", f"echo 'libxl: error: unpausing dom{d}' >&2; exit 2"],
+        paused=lambda d: None).unpause(7)
+    assert bad == Unpaused(2, "libxl: error: unpausing dom7\n", None)
+    missing = XlToolstack(xs, unpause_argv=lambda d: ["/nonexistent/xl", "unpause", str(d)],
+                          paused=lambda d: False)
+    obs = missing.unpause(7)
+    assert obs.rc == 127 and "/nonexistent/xl unpause 7: [Errno 2]" in obs.output
+    assert obs.was_paused is False
+
+
+def test_xl_paused_reads_the_state_column(monkeypatch):
+    from dmore_nova.virt import xl_rmvm
+
+    def run(out: str, rc: int = 0):
+        return lambda *a, **k: subprocess.CompletedProcess(a[0], rc, out, "")
+
+    head = "Name                ID   Mem VCPUs\tState\tTime(s)\n"
+    monkeypatch.setattr(xl_rmvm.subprocess, "run", run(head + "guest 7 256 1 --p--- 0.1\n"))
+    assert xl_rmvm.xl_paused(7) is True
+    monkeypatch.setattr(xl_rmvm.subprocess, "run", run(head + "guest 7 256 1 -b---- 0.1\n"))
+    assert xl_rmvm.xl_paused(7) is False
+    monkeypatch.setattr(xl_rmvm.subprocess, "run", run("", 1))
+    assert xl_rmvm.xl_paused(7) is None

@@ -223,7 +223,8 @@ def test_co_migration_keeps_the_viewer_connected(served: RmvmGuest, vncdotool_co
     steps = {s["what"]: s for s in res["steps"]}
     # every state of the protocol, in order, with its time
     assert list(steps) == ["prepare", "migrate-rmvm", "migrate-guest", "target-incoming",
-                           "agent-incoming", "guest-switchover", "agent-rehome"], list(steps)
+                           "agent-incoming", "guest-switchover", "guest-unpause",
+                           "agent-rehome"], list(steps)
     for what, step in steps.items():
         TIMINGS[f"  {what}"] = step["seconds"]
     # the progress on stderr names each state
@@ -233,6 +234,9 @@ def test_co_migration_keeps_the_viewer_connected(served: RmvmGuest, vncdotool_co
     assert res["grant"] == {"rmvm": new_r, "guest": res["incoming"], "xen": "ok",
                             "xenstore": "ok", "vfb_dirs": "ok"}, res["grant"]
     assert steps["agent-incoming"]["ack"]["state"] in ("plugged", "done")
+    # xl migrate -p left the guest paused until dom0 unpaused it, its vfb plugged by then
+    assert steps["guest-unpause"]["rc"] == 0 and steps["guest-unpause"]["was_paused"] is True, \
+        steps["guest-unpause"]
     ack = steps["agent-rehome"]["ack"]
     assert ack["state"] == "done" and ack["new"] == new_g and ack["backend"] == new_r, ack
     assert ack["held_dropped"] == 0 and ack["vkbd_dropped"] == 0, ack
