@@ -597,3 +597,36 @@ def test_an_update_reaches_a_waiting_viewer_in_the_same_loop_turn(rig):
         del loop.call_soon
     assert "_send_update" not in scheduled, scheduled
     c.close()
+
+
+def test_an_update_just_read_is_compared_once(rig):
+    """The UPDATE's rect is compared when it is read; the send inside the same batch does not
+    compare it again (sync), while a send outside one still does."""
+    kbd, fb = connect_both(rig)
+    c = RawClient("127.0.0.1", rig.port)
+    c.full_frame()
+    c.request()
+    fb.draw(0, 0, 1, 1, 0x000000FF)      # the first UPDATE: a whole-screen compare (unreported)
+    c.wait_for_update()
+    display = rig.agent.display
+    compared: list[tuple[int, int, int, int]] = []
+    changed = display.changed
+
+    def spy(rect):
+        compared.append((rect.x, rect.y, rect.w, rect.h))
+        return changed(rect)
+
+    display.changed = spy                             # type: ignore[method-assign]
+    c.request()
+    rig.wait(lambda: rig.lt.call(lambda: any(v.pending_request for v in
+                                             rig.agent.server.viewers)), what="request seen")
+    fb.draw(8, 0, 8, 16, 0x00FFFFFF)
+    assert [r[:4] for r in c.wait_for_update()] == [(8, 0, 8, 16)]
+    assert compared == [(8, 0, 8, 16)]
+    # Damage waiting for the viewer's next request is synced when that request comes.
+    fb.draw(16, 0, 8, 16, 0x00FFFFFF)
+    rig.wait(lambda: len(compared) == 2, what="the UPDATE read")
+    c.request()
+    assert [r[:4] for r in c.wait_for_update()] == [(16, 0, 8, 16)]
+    assert compared == [(8, 0, 8, 16), (16, 0, 8, 16), (16, 0, 8, 16)]
+    c.close()
