@@ -600,10 +600,11 @@ class XlToolstack:
     def __init__(self, xs: XenStore, *,
                  migrate_argv: Callable[[str, bool], Sequence[str]] = xl_migrate_argv,
                  unpause_argv: Callable[[int], Sequence[str]] = xl_unpause_argv,
-                 paused: Callable[[int], bool | None] = xl_paused,
+                 is_paused: Callable[[int], bool | None] = xl_paused,
                  set_target: Callable[[int, int], None] | None = None) -> None:
         self.xs = xs
-        self.migrate_argv, self.unpause_argv, self.paused = migrate_argv, unpause_argv, paused
+        self.migrate_argv, self.unpause_argv = migrate_argv, unpause_argv
+        self.is_paused = is_paused
         self.set_target = set_target
         self._proc: subprocess.Popen | None = None
         self._out: list[bytes] = []
@@ -719,7 +720,7 @@ class XlToolstack:
                 LOG.debug("unwatch %s: %s", path, exc)
 
     def unpause(self, domid: int) -> Unpaused:
-        was_paused = self.paused(domid)
+        was_paused = self.is_paused(domid)
         argv = list(self.unpause_argv(domid))
         try:
             p = subprocess.run(argv, capture_output=True, text=True, timeout=UNPAUSE_TIMEOUT)

@@ -616,14 +616,14 @@ def test_driver_unpause_runs_xl_and_reports_its_failure():
     xs = Dom0Store({3: "rmvm", 4: "guest"}, agent_answering)
     ran: list[int] = []
     ok = XlToolstack(xs, unpause_argv=lambda d: ran.append(d) or ["true"],
-                     paused=lambda d: True).unpause(7)
+                     is_paused=lambda d: True).unpause(7)
     assert ran == [7] and ok == Unpaused(0, "", True)
     bad = XlToolstack(xs, unpause_argv=lambda d: [
         "sh", "-c", f"echo 'libxl: error: unpausing dom{d}' >&2; exit 2"],
-        paused=lambda d: None).unpause(7)
+        is_paused=lambda d: None).unpause(7)
     assert bad == Unpaused(2, "libxl: error: unpausing dom7\n", None)
     missing = XlToolstack(xs, unpause_argv=lambda d: ["/nonexistent/xl", "unpause", str(d)],
-                          paused=lambda d: False)
+                          is_paused=lambda d: False)
     obs = missing.unpause(7)
     assert obs.rc == 127 and "/nonexistent/xl unpause 7: [Errno 2]" in obs.output
     assert obs.was_paused is False
