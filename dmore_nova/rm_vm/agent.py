@@ -142,8 +142,7 @@ class RMAgent:
     def flush_input(self) -> None:
         """End of one read from a viewer: one notify for everything it wrote to the ring."""
         self._guard(self.vkbd, self.vkbd.notify_due)
-        if self.vkbd.queue:
-            self._rearm_vkbd()  # the ring is full: the guest's next consume must wake us
+        self._rearm_vkbd()  # the ring may be full: then the guest's next consume must wake us
 
     def _hold(self, event: KeyInput | PointerInput) -> None:
         if len(self.held) >= MAX_HELD_INPUT:
@@ -307,9 +306,12 @@ class RMAgent:
         return bool(self.vkbd.queue) or self.frozen
 
     def _rearm_vkbd(self) -> None:
-        """Unmask the vkbd port if :meth:`_on_evtchn` left it masked."""
+        """Unmask the vkbd port if :meth:`_on_evtchn` left it masked and something now
+        waits for it (:meth:`_waits_for_vkbd`)."""
+        if self._vkbd_masked is None or not self._waits_for_vkbd():
+            return
         port, self._vkbd_masked = self._vkbd_masked, None
-        if port is not None and port == self.vkbd.port:
+        if port == self.vkbd.port:
             try:
                 self.evtchns.unmask_ports([port])
             except XenError as exc:
@@ -507,8 +509,7 @@ class RMAgent:
             else:
                 self._guard(self.vkbd, self.vkbd.pointer, event, notify=False)
         self._guard(self.vkbd, self.vkbd.flush)  # and the one notify the replay owes
-        if self.vkbd.queue:
-            self._rearm_vkbd()
+        self._rearm_vkbd()
         LOG.info("agent: dom%d input thawed, %d held events replayed", self.guest_domid,
                  len(held))
         return len(held)

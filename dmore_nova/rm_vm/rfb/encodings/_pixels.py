@@ -123,6 +123,11 @@ class PixelCodec:
             h, w = keys.shape
             # Pillow's C unpacker reorders B,G,R,X memory into R,G,B ~3x faster than numpy.
             return Image.frombuffer("RGB", (w, h), keys, "raw", "BGRX", 0, 1).tobytes()
+        if not self.tpixel and self.size == 4 and not self.pf.big_endian and _LITTLE:
+            # 32-bpp little-endian PIXELs (TigerVNC, noVNC, vncdotool): the keys' memory is
+            # the wire -- one call where encode() makes five, each ~30 us in a PV dom0 under
+            # emulation (bench/xen_dom0_costs.py), and an echo's glyph is a few hundred bytes.
+            return np.ascontiguousarray(keys, dtype=np.uint32).tobytes()
         return self.encode(keys).tobytes()
 
     def pixel(self, key: int) -> bytes:

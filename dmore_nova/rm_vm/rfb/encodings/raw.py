@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from dmore_nova.rm_vm.rfb.display import Rect
-from dmore_nova.rm_vm.rfb.encodings._pixels import _LITTLE, PixelCodec, pixel_codec
+from dmore_nova.rm_vm.rfb.encodings._pixels import PixelCodec, pixel_codec
 from dmore_nova.rm_vm.rfb.encodings.base import Encoder, rect_header
 from dmore_nova.rm_vm.rfb.pixelformat import PixelFormat
 
@@ -23,12 +23,5 @@ class RawEncoder(Encoder):
         codec = self._codec
         if codec is None or codec.pf is not pf:
             codec = self._codec = pixel_codec(pf)
-        keys = codec.keys(view)  # contiguous uint32: the client's pixel values
-        if pf.bytes_per_pixel == 4 and not pf.big_endian and _LITTLE:
-            # 32-bpp little-endian clients (TigerVNC, noVNC, vncdotool): the keys' memory is
-            # the wire.  An echo's glyph is a few hundred bytes, and each numpy call of the
-            # general path costs ~30 us in a PV dom0 under emulation (bench/xen_dom0_costs.py).
-            body = keys.tobytes()
-        else:
-            body = codec.encode(keys).tobytes()
+        body = codec.encode_bytes(codec.keys(view))
         return [rect_header(rect.x, rect.y, rect.w, rect.h, ENC_RAW) + body]
