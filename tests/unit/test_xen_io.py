@@ -253,6 +253,25 @@ def test_kbd_in_put_near_the_wrap_never_overwrites_an_unread_slot(back, fill, n)
 
 
 @settings(max_examples=300)
+@given(st.integers(0, 3 * FB_OUT_LEN), st.integers(0, FB_OUT_LEN), st.data())
+def test_fb_out_ring_get_reads_slot_idx_mod_len_wherever_the_window_lies(back, fill, data):
+    """ring_get copies runs of slots: the slots it returns must still be, in order, those of
+    ``XENFB_OUT_RING_REF(page, idx)`` = slot ``idx % LEN`` for idx = out_cons .. out_prod - 1
+    (mod 2**32), in the plain case, across the slot-50 -> 0 wrap and across 2**32."""
+    cons = (U32 - back) % U32
+    mv = page()
+    for slot in range(FB_OUT_LEN):  # every slot tagged with its number
+        mv[FB_OUT_OFFS + slot * SLOT:FB_OUT_OFFS + (slot + 1) * SLOT] = bytes([slot]) * SLOT
+    set_idx(mv, 8, cons)
+    set_idx(mv, 12, (cons + fill) % U32)
+    limit = data.draw(st.none() | st.integers(0, FB_OUT_LEN))
+    got = ring_get(mv, fbif.XENFB_OUT_RING_LAYOUT, limit)
+    n = fill if limit is None else min(fill, limit)
+    assert got == [bytes([((cons + i) % U32) % FB_OUT_LEN]) * SLOT for i in range(n)]
+    assert get_idx(mv, 8) == (cons + n) % U32
+
+
+@settings(max_examples=300)
 @given(U32S, U32S, st.integers(0, 60))
 def test_kbd_in_put_never_touches_outside_ring(cons, prod, n):
     """Whatever the indices: RingError, or writes confined to the in ring slots and in_prod."""
@@ -408,6 +427,17 @@ def test_update_clip_hostile_values():
     assert XenfbUpdate(-(2**31), -(2**31), 2**31 - 1, 2**31 - 1).clip(800, 600) is None
 
 
+@settings(max_examples=500)
+@given(I32, I32, I32, I32, st.integers(1, 4096), st.integers(1, 4096))
+def test_update_clip_is_the_intersection_with_the_screen(x, y, w, h, fb_w, fb_h):
+    """Against the definition: the pixels (px, py) with x <= px < x + w and y <= py < y + h
+    (exact integers) that lie on the screen, as a rectangle, or None if there are none."""
+    cols = range(max(x, 0), min(x + w, fb_w))
+    rows = range(max(y, 0), min(y + h, fb_h))
+    want = (cols.start, rows.start, len(cols), len(rows)) if cols and rows else None
+    assert XenfbUpdate(x, y, w, h).clip(fb_w, fb_h) == want
+
+
 # --- xenfb_page -----------------------------------------------------------------------------
 def test_fb_page_geometry_fields():
     buf = bytearray(4096)
@@ -529,3 +559,26 @@ def test_ring_layout_validation():
         ring_put(mv, lay, [b"x" * 31])
     with pytest.raises(ValueError):
         ring_get(memoryview(bytearray(100)), lay)
+
+
+def test_every_event_declares_its_dataclass_fields_in_the_order_of_its_c_fields():
+    """RingEvent.unpack passes the C fields' values positionally: an event whose dataclass
+    declared its fields in another order would decode with values swapped."""
+    from dataclasses import fields
+
+    from dmore_nova.xen.io._event import RingEvent
+
+    def events(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from events(sub)
+
+    checked = 0
+    for cls in events(RingEvent):
+        if "FIELDS" not in cls.__dict__ or cls.unpack.__func__ is not RingEvent.unpack.__func__:
+            continue  # abstract, or decodes by itself (XenkbdMtouch: one struct per arm)
+        assert [f.name for f in cls.FIELDS[1:]] == [f.name for f in fields(cls)], cls
+        event = cls(*(1 for _ in cls.FIELDS[1:]))
+        assert cls.unpack(event.pack()) == event
+        checked += 1
+    assert checked >= 6  # XenfbUpdate, XenfbResize, XenfbRefreshPeriod, and 3 kbd events

@@ -142,9 +142,14 @@ class XenfbUpdate(_FbOutEvent):
         Done in Python ints, so hostile values (negative sizes, ``x + width`` overflowing i32)
         cannot wrap around into a bogus in-bounds rectangle.
         """
-        x0, y0 = max(self.x, 0), max(self.y, 0)
-        x1 = min(self.x + max(self.width, 0), fb_width)
-        y1 = min(self.y + max(self.height, 0), fb_height)
+        # Comparisons, not max()/min() calls: this runs for every UPDATE a guest sends.
+        x, y, w, h = self.x, self.y, self.width, self.height
+        if w <= 0 or h <= 0:
+            return None
+        x0 = x if x > 0 else 0
+        y0 = y if y > 0 else 0
+        x1 = x + w if x + w < fb_width else fb_width
+        y1 = y + h if y + h < fb_height else fb_height
         if x1 <= x0 or y1 <= y0:
             return None
         return x0, y0, x1 - x0, y1 - y0

@@ -176,8 +176,9 @@ class XenkbdKey(_KbdInEvent):
         return raw
 
     @classmethod
-    def _from_fields(cls, values: dict[str, Any]) -> Self:
-        return cls(pressed=bool(values["pressed"]), keycode=values["keycode"])
+    def _from_values(cls, values: tuple[Any, ...]) -> Self:
+        pressed, keycode = values
+        return cls(bool(pressed), keycode)
 
 
 #: Packed ``xenkbd_key`` slots by (pressed, keycode); Linux has KEY_MAX = 0x2ff codes.
