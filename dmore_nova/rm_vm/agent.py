@@ -141,7 +141,7 @@ class RMAgent:
 
     def flush_input(self) -> None:
         """End of one read from a viewer: one notify for everything it wrote to the ring."""
-        self._guard(self.vkbd, self.vkbd.notify_due)
+        self._guard(self.vkbd, self.vkbd.flush)
         self._rearm_vkbd()  # the ring may be full: then the guest's next consume must wake us
 
     def _hold(self, event: KeyInput | PointerInput) -> None:

@@ -87,9 +87,13 @@ class Bed:
 
     def type(self, text: str) -> None:
         assert self.agent is not None
+        def tap(ch: str) -> None:  # what one read of a viewer's press and release does
+            self.agent.key(KeyInput(True, ord(ch)))
+            self.agent.key(KeyInput(False, ord(ch)))
+            self.agent.flush_input()
+
         for ch in text:
-            for down in (True, False):
-                self.call(lambda d=down, c=ch: self.agent.key(KeyInput(d, ord(c))))
+            self.call(lambda c=ch: tap(c))
 
     def close(self) -> None:
         if self.agent is not None:

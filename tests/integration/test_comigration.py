@@ -310,6 +310,7 @@ def test_failure_after_commit_restarts_agent_at_destination(rig, state, when):
             for ch in injected:
                 rig.agent.key(KeyInput(True, ord(ch)))
                 rig.agent.key(KeyInput(False, ord(ch)))
+                rig.agent.flush_input()
             raise RuntimeError(f"injected at {s.value} {w}")
 
     report = rig.comigrate(fault=fault)
