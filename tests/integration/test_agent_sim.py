@@ -605,6 +605,47 @@ def test_an_update_reaches_a_waiting_viewer_in_the_same_loop_turn(rig):
     c.close()
 
 
+def test_an_update_is_sent_before_the_fired_ports_are_read(rig):
+    """The vfb's ring is read first when the event channel fires: the echo's pixels leave
+    before the system calls that read and unmask the ports (each also slows the Python after
+    it in a PV dom0 under emulation).  A wakeup with nothing new in the ring does no work."""
+    kbd, fb = connect_both(rig)
+    c = RawClient("127.0.0.1", rig.port)
+    c.full_frame()
+    c.request()
+    fb.draw(0, 0, 1, 1, 0x000000FF)      # the first UPDATE: a whole-screen compare (unreported)
+    c.wait_for_update()
+    evtchns, vfb = rig.agent.evtchns, rig.agent.vfb
+    order: list[str] = []
+    pending_ports, on_event = evtchns.pending_ports, vfb.on_event
+    sends = []
+
+    def spy_pending(*args, **kwargs):
+        order.append("pending_ports")
+        return pending_ports(*args, **kwargs)
+
+    def spy_send() -> None:
+        before = sum(v.updates_sent for v in rig.agent.server.viewers)
+        on_event()
+        if sum(v.updates_sent for v in rig.agent.server.viewers) > before:
+            order.append("update sent")
+
+    evtchns.pending_ports = spy_pending               # type: ignore[method-assign]
+    vfb.on_event = spy_send                           # type: ignore[method-assign]
+    changed = rig.agent.display.changed
+    rig.agent.display.changed = lambda r: sends.append(r) or changed(r)  # type: ignore
+    c.request()
+    rig.wait(lambda: rig.lt.call(lambda: any(v.pending_request for v in
+                                             rig.agent.server.viewers)), what="request seen")
+    fb.draw(24, 0, 8, 16, 0x00FFFFFF)
+    assert [r[:4] for r in c.wait_for_update()] == [(24, 0, 8, 16)]
+    rig.wait(lambda: "pending_ports" in order, what="the fired ports read")
+    assert order[:2] == ["update sent", "pending_ports"], order
+    # the handler's second look at the ring found nothing to compare
+    assert [(r.x, r.y, r.w, r.h) for r in sends] == [(24, 0, 8, 16)]
+    c.close()
+
+
 def test_an_update_just_read_is_compared_once(rig):
     """The UPDATE's rect is compared when it is read; the send inside the same batch does not
     compare it again (sync), while a send outside one still does."""

@@ -366,6 +366,8 @@ class VfbBackend(BackendDevice):
         if page is None:
             return
         cons = page.out_cons
+        if page.out_prod == cons:
+            return  # nothing new: a notify for events an earlier read took, or none at all
         try:
             events = F.fb_out_get(page)
         except RingError as exc:
