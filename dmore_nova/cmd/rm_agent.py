@@ -31,6 +31,8 @@ LOG = logging.getLogger(__name__)
 #: Seconds between two rewrites of the status file (the agent's own state, e.g. what the
 #: frontend requested, changes without telling anyone).
 STATUS_INTERVAL = 1.0
+#: Seconds between two reads of this domain's ``target`` while the agent waits for it.
+TARGET_POLL = 0.2
 
 
 def make_xen(conf: cfg.ConfigOpts) -> Xen:
@@ -57,6 +59,34 @@ def make_xenstore(conf: cfg.ConfigOpts) -> XenStore:
     return connect_xenstore()
 
 
+def parse_target(raw: bytes) -> int:
+    """The domid in a ``target`` node: decimal, as libxl writes it, of a guest (1..0x7FEF)."""
+    text = raw.decode("ascii", "replace").strip("\0 \n")
+    if not text.isdigit() or not 1 <= int(text) <= 0x7FEF:
+        raise ValueError(f"this domain's xenstore 'target' is {raw!r}, not a guest's domid "
+                         "(1..32751)")
+    return int(text)
+
+
+async def guest_from_target(xs: XenStore, wait: float) -> int:
+    """The guest this domain has privilege over: its own ``target`` node (a relative path: our
+    directory), read every :data:`TARGET_POLL` s for up to ``wait`` s.  Polled, not watched:
+    this runs once, before anything else, and a watch on a node the domain may not read yet
+    needs the same retry."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    if (raw := xs.read("target")) is None:
+        LOG.info("agent: no guest_domid; waiting up to %.0f s for this domain's target", wait)
+    while raw is None:
+        if loop.time() >= deadline:
+            raise ValueError(f"[agent]guest_domid is unset and this domain has no xenstore "
+                             f"'target' after {wait:.0f} s: set guest_domid, or give this "
+                             "domain privilege over its guest (dmore-xl-rmvm set-target)")
+        await asyncio.sleep(TARGET_POLL)
+        raw = xs.read("target")
+    return parse_target(raw)
+
+
 def agent_status(agent: RMAgent, follower: XlMigrationFollower | None) -> dict[str, Any]:
     """What the status file holds."""
     st: dict[str, Any] = {
@@ -81,10 +111,12 @@ def write_status(path: str, status: dict[str, Any]) -> None:
 
 
 async def run(conf: cfg.ConfigOpts) -> None:
-    if conf.agent.guest_domid is None:
-        raise ValueError("[agent]guest_domid is required")
     xen = make_xen(conf)
-    agent = RMAgent(xen, conf.agent.guest_domid, options_from_conf(conf.rfb),
+    guest = conf.agent.guest_domid
+    if guest is None:
+        guest = await guest_from_target(xen.xenstore, conf.agent.target_wait)
+        LOG.info("agent: serving dom%d, this domain's target", guest)
+    agent = RMAgent(xen, guest, options_from_conf(conf.rfb),
                     devid=conf.agent.devid, width=conf.agent.width, height=conf.agent.height,
                     videoram_mb=conf.agent.videoram_mb, plug_vfb=conf.agent.plug_vfb)
     port = await agent.start(conf.rfb.listen, conf.rfb.port)
@@ -109,7 +141,7 @@ async def run(conf: cfg.ConfigOpts) -> None:
         control_xs = make_xenstore(conf)
         control = XenstoreControl(agent, control_xs)
         control.start()
-    print(f"dmore-rm-agent: dom{conf.agent.guest_domid} console on {conf.rfb.listen}:{port}"
+    print(f"dmore-rm-agent: dom{guest} console on {conf.rfb.listen}:{port}"
           + (f", following xl migrate of {follower.name!r}" if follower else "")
           + (", co-migration requests from dom0 in xenstore" if control else ""), flush=True)
     stop = asyncio.Event()

@@ -15,7 +15,15 @@ OPTS = [
                help="The domain this agent acts as on the sim (0 = dom0, or the RM VM's "
                     "domid). On real Xen the own domid is read from xenstore."),
     cfg.IntOpt("guest_domid", min=1, max=0x7FEF,
-               help="The guest whose vkbd/vfb this agent serves."),
+               help="The guest whose vkbd/vfb this agent serves. Unset: the guest this "
+                    "domain has privilege over, read from its own xenstore 'target' node, "
+                    "which the toolstack writes when it grants that privilege (libxl for a "
+                    "stub domain, dmore-xl-rmvm set-target for an RM VM): an RM VM image "
+                    "then needs no per-guest configuration. The agent waits up to "
+                    "target_wait seconds for the node."),
+    cfg.FloatOpt("target_wait", default=300.0, min=0.0, max=86400.0,
+                 help="Seconds to wait for this domain's 'target' node when guest_domid is "
+                      "unset (the RM VM may boot before dom0 creates its guest)."),
     cfg.IntOpt("devid", default=0, min=0, help="Device index of the guest's vkbd/vfb."),
     cfg.IntOpt("width", default=800, min=64, max=4096,
                help="Mode offered to the guest (vfb width, vkbd pointer range)."),

@@ -14,9 +14,10 @@ guest's console devices:
   Xen lets the RM VM do to the guest what the XSM policy allows a device model
   (``XSM_TARGET``): foreign-map its memory (the vfb's ``page-ref`` and framebuffer pages are
   frame numbers, not grants), ``XEN_DOMCTL_getdomaininfo``.
-* ``XS_SET_TARGET`` (xs_wire.h), after writing ``/local/domain/<rmvm>/target`` as libxl does
-  (Linux's privcmd in a domU reads it): xenstored treats the RM VM as the owner of the guest's
-  nodes.
+* ``XS_SET_TARGET`` (xs_wire.h): xenstored treats the RM VM as the owner of the guest's
+  nodes; and ``/local/domain/<rmvm>/target`` = the guest's domid, as libxl writes it for a
+  stub domain, written last: the RM VM's agent, configured without a guest
+  (``[agent] guest_domid`` unset: one RM VM image for any guest), serves the guest it names.
 * the vfb's parent directories, owned so that the RM VM may create the device itself: libxl
   creates ``/local/domain/<guest>/device`` and ``/local/domain/<rmvm>/backend`` owned by dom0,
   so even with ``XS_SET_TARGET`` the agent got ``EACCES`` on ``MKDIR .../device/vfb/0`` (seen on
@@ -164,7 +165,6 @@ def grant_target(xs: XenStore, rmvm: int, guest: int, *,
     except OSError as exc:
         xen = _error_text(exc)
     try:
-        xs.write(f"/local/domain/{rmvm}/target", str(guest))
         xs.set_target(rmvm, guest)  # type: ignore[attr-defined]
         xenstore = "ok"
     except (OSError, AttributeError) as exc:
@@ -178,6 +178,14 @@ def grant_target(xs: XenStore, rmvm: int, guest: int, *,
         vfb_dirs = "ok"
     except OSError as exc:
         vfb_dirs = f"vfb dirs: {_error_text(exc)}"
+    try:
+        # Last (libxl writes it before XS_SET_TARGET, which does not read it): an agent that
+        # names no guest serves the guest as soon as it reads this node, so all it needs is
+        # in place by then.
+        xs.write(f"/local/domain/{rmvm}/target", str(guest))
+    except OSError as exc:
+        err = f"write target: {_error_text(exc)}"
+        xenstore = err if xenstore == "ok" else f"{xenstore}; {err}"
     res = TargetResult(rmvm, guest, xen, xenstore, vfb_dirs)
     (LOG.info if res.ok else LOG.warning)("target dom%d -> dom%d: %s", rmvm, guest,
                                           res.as_dict())

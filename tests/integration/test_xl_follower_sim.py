@@ -51,24 +51,31 @@ class Agent:
     """``python -m dmore_nova.cmd.rm_agent`` serving ``guest`` on the sim host, with the
     ``[agent]`` option ``option`` switched on; its start banner must contain ``banner``."""
 
-    def __init__(self, host, guest: int, tmp: Path, option: str = "follow_xl_migrate",
-                 banner: str = "following xl migrate of 'guest'") -> None:
+    def __init__(self, host, guest: int | None, tmp: Path, option: str = "follow_xl_migrate",
+                 banner: str = "following xl migrate of 'guest'", *, backend: int = 0,
+                 plug_vfb: bool = True, extra: str = "") -> None:
+        """``guest=None``: no ``guest_domid`` (the agent reads its domain's ``target``);
+        ``backend``: the domain the agent runs as (an RM VM's domid); ``extra``: more
+        ``[agent]`` lines."""
         self.status_path = tmp / "status.json"
         self.log_path = tmp / "agent.log"
         conf = tmp / "agent.conf"
         conf.write_text(f"[agent]\nxen = sim\nsim_run_dir = {host.run_dir}\n"
-                        f"guest_domid = {guest}\nplug_vfb = true\n{option} = true\n"
-                        f"status_file = {self.status_path}\n[rfb]\nport = 0\n")
+                        f"backend_domid = {backend}\n"
+                        + (f"guest_domid = {guest}\n" if guest is not None else "")
+                        + f"plug_vfb = {str(plug_vfb).lower()}\n{option} = true\n"
+                        f"status_file = {self.status_path}\n{extra}[rfb]\nport = 0\n")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dmore_nova.cmd.rm_agent", "--config-file", str(conf),
              "--log-file", str(self.log_path)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "PYTHONPATH": str(REPO)})
-        line = ""
+        line, said = "", []
         while "console on" not in line:
             line = self.proc.stdout.readline()
+            said.append(line)
             if not line:
-                raise RuntimeError(f"agent exited: {self.log()[-3000:]}")
+                raise RuntimeError(f"agent exited: {''.join(said)[-2000:]}\n{self.log()[-3000:]}")
         self.port = int(line.split("console on ")[1].split(",")[0].rsplit(":", 1)[1])
         assert banner in line, line
 
@@ -102,12 +109,12 @@ def be_state(xs, path: str) -> int:
     return int(raw) if raw else 0
 
 
-def connect(xs, kernel, guest: int, kbd_be: str) -> tuple[ManualKbd, ManualFb]:
+def connect(xs, kernel, guest: int, kbd_be: str, be: int = 0) -> tuple[ManualKbd, ManualFb]:
     """What (resumed) Linux frontends do: publish page/grant/port, Initialised, Connected."""
-    vfb_be = f"/local/domain/0/backend/vfb/{guest}/0"
+    vfb_be = f"/local/domain/{be}/backend/vfb/{guest}/0"
     wait(lambda: be_state(xs, kbd_be) == XenbusState.InitWait, f"{kbd_be} InitWait")
     wait(lambda: be_state(xs, vfb_be) == XenbusState.InitWait, f"{vfb_be} InitWait")
-    kbd, fb = ManualKbd(kernel, 0), ManualFb(kernel, 0)
+    kbd, fb = ManualKbd(kernel, be), ManualFb(kernel, be)
     kbd.publish()
     fb.publish()
     wait(lambda: be_state(xs, kbd_be) == XenbusState.Connected, f"{kbd_be} Connected")

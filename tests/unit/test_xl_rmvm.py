@@ -391,11 +391,12 @@ def test_grant_target_does_all_three_parts_as_libxl_would():
     res = grant_target(xs, 5, 6, set_target=lambda d, t: calls.append((d, t)))
     assert res.ok and calls == [(5, 6)]
     assert xs.calls == [
-        ("write", "/local/domain/5/target", "6"), ("set_target", 5, 6),
+        ("set_target", 5, 6),
         ("mkdir", "/local/domain/6/device/vfb"),
         ("set_perms", "/local/domain/6/device/vfb", ["n6", "r5"]),
         ("mkdir", "/local/domain/5/backend/vfb"),
-        ("set_perms", "/local/domain/5/backend/vfb", ["n5", "r6"])]
+        ("set_perms", "/local/domain/5/backend/vfb", ["n5", "r6"]),
+        ("write", "/local/domain/5/target", "6")]   # last: an agent may act on it at once
 
 
 def test_grant_target_reports_each_failure_and_still_tries_the_rest():
@@ -408,6 +409,10 @@ def test_grant_target_reports_each_failure_and_still_tries_the_rest():
     assert res.xen == "xc_domain_set_target(5, 6) = -1: ENOTSUP (Operation not supported)"
     assert res.xenstore == "XS_SET_TARGET(5, 6): xenstore SET_TARGET failed: EACCES"
     assert res.vfb_dirs == "vfb dirs: xenstore MKDIR failed: EACCES"
+    assert xs.calls[-1] == ("write", "/local/domain/5/target", "6")  # written all the same
+    res = grant_target(FakeStore({"write": errno.EACCES}), 5, 6, set_target=lambda d, t: None)
+    assert (res.xen, res.vfb_dirs) == ("ok", "ok")
+    assert res.xenstore == "write target: xenstore WRITE failed: EACCES"
 
 
 class FakeXenctrl:

@@ -8,12 +8,14 @@ Host side of issue 5 §3.  The pieces, in the order they happen:
    project's code as it is now, without a share (there is no 9p in a domU).  Written to the
    run's ``/mnt/box``.
 2. :func:`start_rmvm_guest`: ``xl create`` the RM VM (tools/xenbox/rmvm.cfg: root filesystem =
-   dom0's own image read-only, routed vif), wait for its runner; ``xl create -p`` the guest
-   (tools/xenbox/rmvm-guest.cfg: ``vkb=[backend=rmvm,...]``, so libxl writes the vkb backend
-   under the RM VM's ``/local/domain/<rmvm>/backend/vinput``); give the RM VM privilege over the
-   guest (``dmore-xl-rmvm set-target``, :mod:`dmore_nova.virt.xl_rmvm`: ``xc_domain_set_target``
-   + ``XS_SET_TARGET`` + the vfb dirs); hand the agent its configuration (with
-   ``[agent] xenstore_control``) through xenstore; wait until it listens; unpause the guest.
+   dom0's own image read-only, routed vif), wait for its runner; hand the agent its
+   configuration through xenstore (``[agent] xenstore_control``, and no guest: it waits for the
+   RM VM's ``target``); ``xl create -p`` the guest (tools/xenbox/rmvm-guest.cfg:
+   ``vkb=[backend=rmvm,...]``, so libxl writes the vkb backend under the RM VM's
+   ``/local/domain/<rmvm>/backend/vinput``); give the RM VM privilege over the guest
+   (``dmore-xl-rmvm set-target``, :mod:`dmore_nova.virt.xl_rmvm`: ``xc_domain_set_target`` +
+   ``XS_SET_TARGET`` + the vfb dirs + the ``target`` node); wait until the agent listens;
+   unpause the guest.
 
 Co-migration is the product's too: ``dmore-xl-rmvm comigrate`` in dom0, the agent's control
 channel in the RM VM (tests/xen/test_rmvm.py drives it).
@@ -153,9 +155,11 @@ def start_rmvm(box: Any, stage_initrd: Path, *, timeout: float = RMVM_READY_TIME
     return domid
 
 
-def agent_conf(domid: int, *, width: int = 800, height: int = 600) -> str:
+def agent_conf(*, width: int = 800, height: int = 600) -> str:
+    """The RM VM's agent configuration: it names no guest (the agent serves the RM VM's
+    ``target``, which ``set-target`` writes), so it is the same for every guest."""
     return ("[agent]\nxen = real\nxenstore_control = true\n"
-            f"guest_domid = {domid}\nplug_vfb = true\nwidth = {width}\nheight = {height}\n"
+            f"plug_vfb = true\nwidth = {width}\nheight = {height}\n"
             f"[rfb]\nlisten = 0.0.0.0\nport = {RMVM_RFB_PORT}\n")
 
 
@@ -191,16 +195,18 @@ def start_rmvm_guest(box: Any, stage_initrd: Path, rfb_port: int, *,
     set-target result."""
     rm = rmvm if rmvm is not None else start_rmvm(box, stage_initrd)
     box.sh(f"xl destroy {GUEST} 2>/dev/null; rm -f {GUEST_LOG} {GUEST_LOG_INCOMING}; true")
+    # The agent starts first, as in a product RM VM image: its configuration names no guest,
+    # so it waits for the RM VM's target (the whole configuration is one xenstore value).
+    box.sh(f"xenstore-rm /local/domain/{rm}/target 2>/dev/null; true")
+    (box.box_dir / "agent.conf").write_text(agent_conf())
+    box.sh(f"xenstore-write /local/domain/{rm}/data/dmore-agent-conf"
+           ' "$(cat /mnt/box/agent.conf)"')
     box.sh(f"xl create -p {GUEST_CFG}", 180)
     domid = _domid(box, GUEST)
     target = set_target(box, rm, domid)
     g = RmvmGuest(box, domid, rfb_port, rmvm_domid=rm)
     if not (target["xen"] == target["xenstore"] == target["vfb_dirs"] == "ok"):
         raise RuntimeError(f"dom0 could not give the RM VM privilege over the guest: {target}")
-    # the whole configuration as one xenstore value (xenstore-write takes it verbatim)
-    (box.box_dir / "agent.conf").write_text(agent_conf(domid))
-    box.sh(f"xenstore-write /local/domain/{rm}/data/dmore-agent-conf"
-           ' "$(cat /mnt/box/agent.conf)"')
     try:
         wait_for(lambda: "console on" in g.rmvm_log() or not g.agent_running(), 180,
                  "the agent in the RM VM to listen")

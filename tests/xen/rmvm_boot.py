@@ -1,15 +1,15 @@
-"""Box-only bootstrap inside the xenbox's RM VM: wait for dom0 to name the guest, then run the
-product's ``dmore-rm-agent`` (:func:`dmore_nova.cmd.rm_agent.main`).
+"""Box-only bootstrap inside the xenbox's RM VM: wait for dom0 to write the agent's
+configuration, then run the product's ``dmore-rm-agent`` (:func:`dmore_nova.cmd.rm_agent.main`).
 
-Why a bootstrap: the RM VM must exist before its guest (the guest's ``vkb=[backend=rmvm,...]``
-names it, and libxl resolves the name at ``xl create``), so the guest's domid -- the agent's
-``[agent] guest_domid`` -- is not known when the RM VM boots, and the box's RM VM is one image
-for every run.  dom0 (tests/xen/rmvm.py) writes the agent's whole configuration to the RM VM's
-own ``data/dmore-agent-conf`` once it has created the guest and given the RM VM privilege over
-it (``dmore-xl-rmvm set-target``).  Meanwhile this bootstrap has already imported the agent
-(numpy, PIL, oslo: minutes under TCG on a busy machine).  The configuration has
-``[agent] xenstore_control = true``: co-migration requests from dom0 are the product's
-(:mod:`dmore_nova.rm_vm.xs_control`), nothing of them is here.
+Why a bootstrap: the box's RM VM is one image for every run, and a test starts the agent with
+the configuration it needs (dom0, tests/xen/rmvm.py, writes it whole to the RM VM's own
+``data/dmore-agent-conf``).  The configuration names no guest: the RM VM exists before its
+guest (the guest's ``vkb=[backend=rmvm,...]`` names it, and libxl resolves the name at ``xl
+create``), so the agent waits for the RM VM's ``target``, which dom0 writes when it gives the RM
+VM privilege over the guest (``dmore-xl-rmvm set-target``) -- the product's way.  Meanwhile
+this bootstrap has already imported the agent (numpy, PIL, oslo: minutes under TCG on a busy
+machine).  The configuration has ``[agent] xenstore_control = true``: co-migration requests
+from dom0 are the product's (:mod:`dmore_nova.rm_vm.xs_control`), nothing of them is here.
 
 One agent per configuration: when it exits, the next configuration is awaited, so a test can
 start the agent again without booting the RM VM again.  Progress lines ``RMVM-...`` go to
@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 import time
 
-#: How long dom0 may take to create the guest and grant the target privilege.
+#: How long dom0 may take to write the configuration (a test may start the next agent late).
 GUEST_WAIT = 600.0
 #: Relative: /local/domain/<this RM VM>/data/dmore-agent-conf (dom0 writes it).
 CONF_KEY = "data/dmore-agent-conf"

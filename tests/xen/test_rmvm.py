@@ -117,6 +117,8 @@ def test_devices_served_by_the_rm_vm(served: RmvmGuest):
     assert served.xs_tree(f"/local/domain/0/backend/vfb/{d}") == {}
     assert served.qemu_for_guest() == ""
     log = served.rmvm_log()
+    # its configuration names no guest: the agent waited for the RM VM's target
+    assert f"serving dom{d}, this domain's target" in log
     assert f"console on 0.0.0.0:{RMVM_RFB_PORT} (backend dom{rm})" in log
     assert f"vkbd-{d}-0: connected (mapped + bound port" in log
     assert f"vfb-{d}-0: connected (mapped + bound port" in log
