@@ -114,7 +114,11 @@ async def run(conf: cfg.ConfigOpts) -> None:
     xen = make_xen(conf)
     guest = conf.agent.guest_domid
     if guest is None:
-        guest = await guest_from_target(xen.xenstore, conf.agent.target_wait)
+        try:
+            guest = await guest_from_target(xen.xenstore, conf.agent.target_wait)
+        except BaseException:
+            xen.close()
+            raise
         LOG.info("agent: serving dom%d, this domain's target", guest)
     agent = RMAgent(xen, guest, options_from_conf(conf.rfb),
                     devid=conf.agent.devid, width=conf.agent.width, height=conf.agent.height,
