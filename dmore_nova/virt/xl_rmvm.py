@@ -82,6 +82,12 @@ the unit tests drive it with scripted observations.  :class:`XlToolstack` runs t
 Limits: a localhost migration (``xl migrate -s "" NAME "xl migrate-receive"``, as the xenbox
 does; to another host the destination's dom0 would have to grant the target on the incoming
 guest); one guest per RM VM; xl's ``--incoming`` naming (xl 4.17, ``migrate_receive``).
+The RM VM plugging the guest's vfb itself (``[agent] plug_vfb``) needs oxenstored (the
+xenstored Debian's xen.service starts, the xenbox's): C xenstored makes an unprivileged domain
+the owner of every node it creates (``construct_node``) and refuses to give one away
+(``do_set_perms``: "Unprivileged domains may not change the owner"), so the agent's ``SET_PERMS``
+of ``device/vfb/<devid>`` to the guest fails with ``EPERM`` there (the sim, which follows C
+xenstored, shows it); with C xenstored dom0 has to create the vfb's nodes.
 """
 
 from __future__ import annotations
