@@ -72,7 +72,7 @@ class ServedGuest:
 
     def status(self) -> dict:
         """The agent's status JSON (``[agent] status_file``, with the xl follower's steps)."""
-        return json.loads((self.box.box_dir / "status.json").read_text())
+        return json.loads(self.sh(f"cat {STATUS_FILE}").output)
 
     def agent_running(self) -> bool:
         return self.sh("kill -0 $(cat /mnt/box/agent.pid)", check=False).rc == 0
@@ -84,6 +84,10 @@ class ServedGuest:
 
 
 AGENT = "dmore_nova.cmd.rm_agent"
+#: In dom0's tmpfs, as a deployment would keep it: on the /mnt/box share (9p to the host) each
+#: of the agent's once-a-second rewrites was a few synchronous round trips through QEMU, which
+#: the agent's echoes waited behind (bench/xen_table1.py --migrate measures with it on).
+STATUS_FILE = "/run/dmore-agent-status.json"
 
 
 def start_served_guest(box: Any, *, width: int = 800, height: int = 600,
@@ -93,15 +97,16 @@ def start_served_guest(box: Any, *, width: int = 800, height: int = 600,
     guest's frontends probe (xen-kbdfront reads ``feature-abs-pointer`` only at probe), and
     the guest does not wait 30 s at boot for an unserved device.  ``follow_migration``: the
     agent also follows ``xl migrate`` (``[agent] follow_xl_migrate``,
-    :mod:`dmore_nova.rm_vm.xl_follower`) and writes /mnt/box/status.json."""
+    :mod:`dmore_nova.rm_vm.xl_follower`) and writes its status file (:data:`STATUS_FILE`)."""
     box.sh("[ -e /mnt/box/agent.pid ] && kill $(cat /mnt/box/agent.pid) 2>/dev/null;"
-           f" xl destroy {GUEST} 2>/dev/null; rm -f {GUEST_LOG} {GUEST_LOG_INCOMING}; true")
+           f" xl destroy {GUEST} 2>/dev/null; rm -f {GUEST_LOG} {GUEST_LOG_INCOMING}"
+           f" {STATUS_FILE}; true")
     box.sh(f"xl create -p /root/domU/{GUEST}-rm.cfg", 180)
     domid = int(box.sh(f"xl domid {GUEST}").output.strip())
     (box.box_dir / "agent.conf").write_text(
         "[agent]\nxen = real\n"
         f"guest_domid = {domid}\nplug_vfb = true\nwidth = {width}\nheight = {height}\n"
-        + ("follow_xl_migrate = true\nstatus_file = /mnt/box/status.json\n"
+        + (f"follow_xl_migrate = true\nstatus_file = {STATUS_FILE}\n"
            if follow_migration else "") +
         "[rfb]\nlisten = 0.0.0.0\nport = 5900\n")
     (box.box_dir / "agent.out").write_text("")
