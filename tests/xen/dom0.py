@@ -85,8 +85,8 @@ class ServedGuest:
 
 AGENT = "dmore_nova.cmd.rm_agent"
 #: In dom0's tmpfs, as a deployment would keep it: on the /mnt/box share (9p to the host) each
-#: of the agent's once-a-second rewrites was a few synchronous round trips through QEMU, which
-#: the agent's echoes waited behind (bench/xen_table1.py --migrate measures with it on).
+#: of the agent's once-a-second rewrites is a few synchronous round trips through QEMU, a cost
+#: no deployment has (bench/xen_table1.py --migrate measures the agent with it on).
 STATUS_FILE = "/run/dmore-agent-status.json"
 
 
