@@ -605,16 +605,31 @@ def test_an_update_reaches_a_waiting_viewer_in_the_same_loop_turn(rig):
     c.close()
 
 
-def test_an_update_is_sent_before_the_fired_ports_are_read(rig):
-    """The vfb's ring is read first when the event channel fires: the echo's pixels leave
-    before the system calls that read and unmask the ports (each also slows the Python after
-    it in a PV dom0 under emulation).  A wakeup with nothing new in the ring does no work."""
+def past_the_first_update(rig):
+    """Both devices connected, a viewer that has the full frame, and the frontend's first
+    UPDATE (which makes the backend compare the whole screen: :attr:`VfbBackend.unreported`)
+    read and served, so that what a test counts next is one UPDATE's own work."""
     kbd, fb = connect_both(rig)
     c = RawClient("127.0.0.1", rig.port)
     c.full_frame()
     c.request()
-    fb.draw(0, 0, 1, 1, 0x000000FF)      # the first UPDATE: a whole-screen compare (unreported)
+    fb.draw(0, 0, 1, 1, 0x000000FF)
     c.wait_for_update()
+    return kbd, fb, c
+
+
+def request_seen(rig, c: RawClient) -> None:
+    """Send an update request and wait until the agent holds it (a viewer waits for pixels)."""
+    c.request()
+    rig.wait(lambda: rig.lt.call(lambda: any(v.pending_request for v in
+                                             rig.agent.server.viewers)), what="request seen")
+
+
+def test_an_update_is_sent_before_the_fired_ports_are_read(rig):
+    """The vfb's ring is read first when the event channel fires: the echo's pixels leave
+    before the system calls that read and unmask the ports (each also slows the Python after
+    it in a PV dom0 under emulation).  A wakeup with nothing new in the ring does no work."""
+    kbd, fb, c = past_the_first_update(rig)
     evtchns, vfb = rig.agent.evtchns, rig.agent.vfb
     order: list[str] = []
     pending_ports, on_event = evtchns.pending_ports, vfb.on_event
@@ -634,9 +649,7 @@ def test_an_update_is_sent_before_the_fired_ports_are_read(rig):
     vfb.on_event = spy_send                           # type: ignore[method-assign]
     changed = rig.agent.display.changed
     rig.agent.display.changed = lambda r: sends.append(r) or changed(r)  # type: ignore
-    c.request()
-    rig.wait(lambda: rig.lt.call(lambda: any(v.pending_request for v in
-                                             rig.agent.server.viewers)), what="request seen")
+    request_seen(rig, c)
     fb.draw(24, 0, 8, 16, 0x00FFFFFF)
     assert [r[:4] for r in c.wait_for_update()] == [(24, 0, 8, 16)]
     rig.wait(lambda: "pending_ports" in order, what="the fired ports read")
@@ -649,12 +662,7 @@ def test_an_update_is_sent_before_the_fired_ports_are_read(rig):
 def test_an_update_just_read_is_compared_once(rig):
     """The UPDATE's rect is compared when it is read; the send inside the same batch does not
     compare it again (sync), while a send outside one still does."""
-    kbd, fb = connect_both(rig)
-    c = RawClient("127.0.0.1", rig.port)
-    c.full_frame()
-    c.request()
-    fb.draw(0, 0, 1, 1, 0x000000FF)      # the first UPDATE: a whole-screen compare (unreported)
-    c.wait_for_update()
+    kbd, fb, c = past_the_first_update(rig)
     display = rig.agent.display
     compared: list[tuple[int, int, int, int]] = []
     changed = display.changed
@@ -664,9 +672,7 @@ def test_an_update_just_read_is_compared_once(rig):
         return changed(rect)
 
     display.changed = spy                             # type: ignore[method-assign]
-    c.request()
-    rig.wait(lambda: rig.lt.call(lambda: any(v.pending_request for v in
-                                             rig.agent.server.viewers)), what="request seen")
+    request_seen(rig, c)
     fb.draw(8, 0, 8, 16, 0x00FFFFFF)
     assert [r[:4] for r in c.wait_for_update()] == [(8, 0, 8, 16)]
     assert compared == [(8, 0, 8, 16)]
