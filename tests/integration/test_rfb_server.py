@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -47,6 +48,27 @@ def test_incremental_request_is_answered_only_on_change(demo_server):
         c.read_update()
     c.key(ord("a"))
     assert c.wait_for_update(2.0)
+    c.close()
+
+
+def test_a_read_takes_no_large_allocation(demo_server):
+    """asyncio reads a plain Protocol's socket with ``recv(256 KiB)``: a 256 KiB object per
+    8-byte KeyEvent (in a PV domain, malloc's map and shrink of it were 1-2 ms of each echo).
+    The viewer is read into its own buffer: keys and their echo updates stay far below that."""
+    c = RawClient(demo_server.host, demo_server.port)
+    c.full_frame()
+    tracemalloc.start()
+    try:
+        for ch in "abc":
+            c.request()
+            c.key(ord(ch))
+            c.key(ord(ch), down=False)
+            assert c.wait_for_update()
+        demo_server.wait_for(lambda: demo_server.text() == "abc", what="echo")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 128 << 10, f"{peak} bytes allocated at once"
     c.close()
 
 
