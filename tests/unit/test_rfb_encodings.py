@@ -685,3 +685,20 @@ def test_reference_decoder_catches_corruption() -> None:
             ClientFramebuffer(40, 40, NATIVE).feed([rects[0] + b"\x00"])
         with pytest.raises((DecodeError, zlib.error)):
             ClientFramebuffer(40, 40, NATIVE).feed([rects[0][:-1]])
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pf=st.sampled_from([NATIVE, PF_NOVNC, PF_BE32, PF_MS3, PF_32_D16, PF_565_LE]),
+       h=st.integers(1, 70), w=st.integers(1, 70), dy=st.integers(0, 3), dx=st.integers(0, 3),
+       seed=st.integers(0, 2**32 - 1))
+def test_raw_bytes_of_small_rects_are_the_keys_bytes(pf: PixelFormat, h: int, w: int, dy: int,
+                                                     dx: int, seed: int) -> None:
+    """Raw's byte-reordering path for small rects (TigerVNC's and noVNC's formats) gives the
+    bytes the numpy path gives, for strided views of pixels with garbage in the top byte, on
+    both sides of :data:`SMALL_RAW`."""
+    from dmore_nova.rm_vm.rfb.encodings._pixels import pixel_codec
+
+    fb = np.random.default_rng(seed).integers(0, 2**32, (h + dy + 1, w + dx + 2), np.uint32)
+    view = fb[dy:dy + h, dx:dx + w]
+    codec = pixel_codec(pf)
+    assert codec.raw_bytes(view) == codec.encode_bytes(codec.keys(view))

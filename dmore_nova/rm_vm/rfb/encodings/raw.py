@@ -23,5 +23,5 @@ class RawEncoder(Encoder):
         codec = self._codec
         if codec is None or codec.pf is not pf:
             codec = self._codec = pixel_codec(pf)
-        body = codec.encode_bytes(codec.keys(view))
+        body = codec.raw_bytes(view)
         return [rect_header(rect.x, rect.y, rect.w, rect.h, ENC_RAW) + body]
