@@ -155,7 +155,7 @@ def agent_steps(per_call) -> dict[str, float]:
     def ring(n: int) -> None:
         for _ in range(n):
             F.fb_out_put(page, update)
-            F.fb_out_get(page)
+            F.fb_out_read(page)  # what the agent reads with
 
     def loop_turns(n: int) -> None:
         loop = asyncio.new_event_loop()

@@ -365,7 +365,7 @@ def test_vfb_notifies_a_frontend_that_filled_the_ring_while_it_was_read(rig, mon
     spy = NotifySpy(rig.agent)
     port = rig.agent.vfb.port
     page = fb.page
-    real_get = F.fb_out_get
+    real_get = F.fb_out_read
     raced: list[int] = []
 
     def get_while_the_frontend_fills(p, max_items=None):
@@ -376,7 +376,7 @@ def test_vfb_notifies_a_frontend_that_filled_the_ring_while_it_was_read(rig, mon
             raced.append(F.fb_out_put(page, [F.XenfbUpdate(x=0, y=0, width=1, height=1)] * n))
         return events
 
-    monkeypatch.setattr(F, "fb_out_get", get_while_the_frontend_fills)
+    monkeypatch.setattr(F, "fb_out_read", get_while_the_frontend_fills)
     fb.draw(0, 0, 4, 4, 0x00FFFFFF)
     rig.wait(lambda: spy.counts.get(port, 0) == 1, what="notify after the raced fill")
     assert raced == [F.XENFB_OUT_RING_LEN - 1]

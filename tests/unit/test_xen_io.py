@@ -19,10 +19,12 @@ from dmore_nova.xen.io.fbif import (
     XenfbRefreshPeriod,
     XenfbResize,
     XenfbUpdate,
+    clip_update,
     fb_in_get,
     fb_in_put,
     fb_out_get,
     fb_out_put,
+    fb_out_read,
 )
 from dmore_nova.xen.io.kbdif import (
     UnknownEvent,
@@ -401,6 +403,30 @@ def test_fb_out_get_on_garbage_page(seed, cons, delta):
     assert len(evs) == (prod - cons) % U32 <= FB_OUT_LEN
     assert get_idx(mv, 8) == prod
     assert bytes(buf[:8]) + bytes(buf[12:]) == blob[:8] + blob[12:]
+
+
+@settings(max_examples=300)
+@given(st.integers(0, 2**64), U32S, st.integers(0, FB_OUT_LEN))
+def test_fb_out_read_is_fb_out_get_with_updates_as_tuples(seed, cons, n):
+    """The backend's reader gives what fb_out_get gives, an UPDATE as its values in field
+    order, and leaves the page as fb_out_get leaves it: slots of guest garbage (every type,
+    any i32), the window anywhere (also across 2**32)."""
+    rng = random.Random(seed)
+    buf = bytearray(rng.randbytes(4096))
+    for i in range(FB_OUT_LEN):  # a third of the slots UPDATE, some RESIZE, the rest anything
+        buf[FB_OUT_OFFS + i * SLOT] = rng.choice([fbif.XENFB_TYPE_UPDATE, fbif.XENFB_TYPE_RESIZE,
+                                                  fbif.XENFB_TYPE_UPDATE, rng.randrange(256)])
+    struct.pack_into("<II", buf, 8, cons, (cons + n) % U32)
+    other = bytearray(buf)
+    read, got = fb_out_read(memoryview(buf)), fb_out_get(memoryview(other))
+    assert buf == other
+    assert len(read) == len(got) == n
+    for r, g in zip(read, got, strict=True):
+        if isinstance(g, XenfbUpdate):
+            assert r == (g.x, g.y, g.width, g.height)
+            assert clip_update(*r, 800, 600) == g.clip(800, 600)
+        else:
+            assert r == g and not isinstance(r, tuple)
 
 
 def test_fb_in_refresh_period():

@@ -369,7 +369,7 @@ class VfbBackend(BackendDevice):
         if page.out_prod == cons:
             return  # nothing new: a notify for events an earlier read took, or none at all
         try:
-            events = F.fb_out_get(page)
+            events = F.fb_out_read(page)
         except RingError as exc:
             raise DeviceError(f"out ring: {exc}") from None
         # Viewers waiting for an update get it at the end, not on the event loop's next turn.
@@ -395,9 +395,9 @@ class VfbBackend(BackendDevice):
         damage: dict[tuple[int, int, int, int], None] = {}
         updates = 0
         for ev in events:
-            if type(ev) is F.XenfbUpdate:
+            if type(ev) is tuple:  # an UPDATE's (x, y, width, height): F.fb_out_read
                 updates += 1
-                r = ev.clip(width, height)
+                r = F.clip_update(*ev, width, height)
                 if r is not None:
                     damage[r] = None
             elif isinstance(ev, F.XenfbResize):

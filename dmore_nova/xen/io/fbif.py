@@ -15,6 +15,7 @@ Frontend side (the simulated guest): :func:`fb_out_put`, :func:`fb_in_get`.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -142,17 +143,22 @@ class XenfbUpdate(_FbOutEvent):
         Done in Python ints, so hostile values (negative sizes, ``x + width`` overflowing i32)
         cannot wrap around into a bogus in-bounds rectangle.
         """
-        # Comparisons, not max()/min() calls: this runs for every UPDATE a guest sends.
-        x, y, w, h = self.x, self.y, self.width, self.height
-        if w <= 0 or h <= 0:
-            return None
-        x0 = x if x > 0 else 0
-        y0 = y if y > 0 else 0
-        x1 = x + w if x + w < fb_width else fb_width
-        y1 = y + h if y + h < fb_height else fb_height
-        if x1 <= x0 or y1 <= y0:
-            return None
-        return x0, y0, x1 - x0, y1 - y0
+        return clip_update(self.x, self.y, self.width, self.height, fb_width, fb_height)
+
+
+def clip_update(x: int, y: int, width: int, height: int, fb_width: int,
+                fb_height: int) -> tuple[int, int, int, int] | None:
+    """:meth:`XenfbUpdate.clip` of an UPDATE's values, as :func:`fb_out_read` gives them."""
+    # Comparisons, not max()/min() calls: this runs for every UPDATE a guest sends.
+    if width <= 0 or height <= 0:
+        return None
+    x0 = x if x > 0 else 0
+    y0 = y if y > 0 else 0
+    x1 = x + width if x + width < fb_width else fb_width
+    y1 = y + height if y + height < fb_height else fb_height
+    if x1 <= x0 or y1 <= y0:
+        return None
+    return x0, y0, x1 - x0, y1 - y0
 
 
 @dataclass(frozen=True)
@@ -332,6 +338,27 @@ def fb_out_get(
         decode_fb_out_event(raw)
         for raw in ring_get(_view(page), XENFB_OUT_RING_LAYOUT, max_items)
     ]
+
+
+#: ``struct xenfb_update`` past its type byte: x, y, width, height (offsets 4, 8, 12, 16).
+_UPDATE_VALUES = struct.Struct("<4xiiii")
+
+
+def fb_out_read(
+    page: XenfbPage | memoryview, max_items: int | None = None
+) -> list[tuple[int, int, int, int] | FbOutEvent | UnknownEvent]:
+    """:func:`fb_out_get` for the backend's hot path: an UPDATE comes as the tuple of its
+    values ``(x, y, width, height)`` (guest-controlled: :func:`clip_update` them), any other
+    event as :func:`fb_out_get` decodes it.
+
+    Why: fbcon reports an echo as ~5 UPDATEs and a cleared screen as one per text row, and a
+    frozen dataclass per UPDATE made decoding most of the read's cost in a PV dom0 under
+    emulation (5 UPDATEs: ~0.6 ms there, ~0.35 ms as tuples).
+    """
+    update = XENFB_TYPE_UPDATE
+    unpack = _UPDATE_VALUES.unpack_from
+    return [unpack(raw) if raw[0] == update else decode_fb_out_event(raw)
+            for raw in ring_get(_view(page), XENFB_OUT_RING_LAYOUT, max_items)]
 
 
 def fb_in_put(page: XenfbPage | memoryview, events: Sequence[FbInEvent]) -> int:
