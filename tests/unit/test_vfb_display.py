@@ -76,3 +76,44 @@ def test_changed_returns_and_copies_only_what_differs():
     assert (d.framebuffer()[100:116, 56:64] == 0x00FF00).all()
     assert d.changed(Rect(48, 100, 24, 16)) is None
 
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def damage(self, rect: Rect) -> None:
+        self.calls.append(("damage", rect))
+
+    def flush(self) -> None:
+        self.calls.append(("flush",))
+
+
+def test_a_batch_flushes_once_at_its_end_also_when_it_raised_and_forgets_what_it_compared():
+    """Inside a batch, damage reaches listeners as it is found and one flush comes at the end,
+    also when the body raised; the rects compared in it are skipped by ``sync`` only inside it
+    (the UPDATE just read), after it ``sync`` compares again."""
+    live = np.zeros((48, 64), np.uint32)
+    d = display_with(live)
+    seen = Listener()
+    d.add_listener(seen)
+    glyph = Rect(8, 16, 8, 16)
+    for raised in (False, True):
+        seen.calls.clear()
+        try:
+            with d.batch():
+                assert d.batching
+                live[16:32, 8:16] += 1
+                d.notify_damage(d.changed(glyph))
+                live[16:32, 8:16] += 1
+                d.sync(glyph)                      # compared in this batch: not again
+                assert seen.calls == [("damage", glyph)]
+                if raised:
+                    raise RuntimeError("the ring was hostile")
+        except RuntimeError:
+            assert raised
+        assert not d.batching
+        assert seen.calls == [("damage", glyph), ("flush",)]
+        d.sync(glyph)                              # after the batch: compared, and sent
+        assert seen.calls[-1] == ("damage", glyph)
+        assert (d.framebuffer() == live).all()

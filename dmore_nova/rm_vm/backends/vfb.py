@@ -18,8 +18,7 @@ Every value in the shared page and in RESIZE events is guest-written: checked ag
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection
 
 import numpy as np
 
@@ -135,11 +134,9 @@ class VfbDisplay(DisplaySource):
         """The mapping is about to go: viewers keep the last picture (the copy)."""
         self._live = self._fb.copy()
 
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
+    def end_batch(self) -> None:
         try:
-            with super().batch():
-                yield
+            super().end_batch()
         finally:
             self._fresh.clear()
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -89,6 +88,7 @@ class DisplaySource(abc.ABC):
         self._listeners: list[DisplayListener] = []
         #: Inside :meth:`batch`: listeners note damage and wait for the flush at its end.
         self.batching = False
+        self._batch = _Batch(self)
 
     @property
     @abc.abstractmethod
@@ -149,20 +149,21 @@ class DisplaySource(abc.ABC):
         for listener in list(self._listeners):
             listener.flush()
 
-    @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
+    def batch(self) -> contextlib.AbstractContextManager[None]:
         """Damage notified inside goes to viewers at the end, at once (:meth:`notify_flush`).
 
         Why: a viewer that scheduled its send for the event loop's next turn costs that turn
         (an ``epoll_wait`` and a clock read: system calls of ~0.1-0.2 ms each in a PV domain
         under emulation) even when the flush already sent it.  The flush runs outside the
-        batch, so damage found while sending (:meth:`sync`) is scheduled as usual."""
-        self.batching = True
-        try:
-            yield
-        finally:
-            self.batching = False
-            self.notify_flush()
+        batch, so damage found while sending (:meth:`sync`) is scheduled as usual.  A plain
+        context manager made once, not a generator per batch: a batch is every read of the
+        vfb's ring, on the echo's path."""
+        return self._batch
+
+    def end_batch(self) -> None:
+        """The end of :meth:`batch` (also when it raised): flush what it noted."""
+        self.batching = False
+        self.notify_flush()
 
     def notify_leds(self) -> None:
         for listener in list(self._listeners):
@@ -175,6 +176,19 @@ class DisplaySource(abc.ABC):
     def notify_copied(self, src_x: int, src_y: int, dst: Rect) -> None:
         for listener in list(self._listeners):
             listener.copied(src_x, src_y, dst)
+
+
+class _Batch(contextlib.AbstractContextManager):
+    __slots__ = ("source",)
+
+    def __init__(self, source: DisplaySource) -> None:
+        self.source = source
+
+    def __enter__(self) -> None:
+        self.source.batching = True
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.source.end_batch()
 
 
 @dataclass(frozen=True, slots=True)
