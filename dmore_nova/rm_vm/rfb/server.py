@@ -122,10 +122,11 @@ class Viewer(asyncio.BufferedProtocol):
 
     A :class:`asyncio.BufferedProtocol`: the loop reads the socket into this viewer's own
     buffer (``recv_into``).  A plain Protocol gets ``recv(256 KiB)`` per read: a fresh 256 KiB
-    object for an 8-byte KeyEvent, which malloc maps and then shrinks -- system calls that in a
-    PV domain update page tables through the hypervisor.  In the xenbox's dom0 that was 1-2 ms
-    of every key's echo (a ping-pong over loopback, one variant after the other: p50 4.5-5.4 ms
-    with ``recv``, 3.3-3.5 ms with ``recv_into``).
+    object for an 8-byte KeyEvent, which malloc may map and then shrink -- system calls that in
+    a PV domain update page tables through the hypervisor.  In a loopback ping-pong in the
+    xenbox's dom0 that was 1-2 ms per read; in the agent, whose malloc had apparently stopped
+    mapping objects that size, an A/B of key -> echo could not tell the two apart
+    (BENCHMARKS.md, agent-ab).  Kept because it allocates nothing per read.
     """
 
     def __init__(self, server: RFBServer) -> None:
