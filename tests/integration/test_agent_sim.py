@@ -683,3 +683,30 @@ def test_an_update_just_read_is_compared_once(rig):
     assert [r[:4] for r in c.wait_for_update()] == [(16, 0, 8, 16)]
     assert compared == [(8, 0, 8, 16), (16, 0, 8, 16), (16, 0, 8, 16)]
     c.close()
+
+
+def test_what_the_guest_reports_while_the_ring_is_read_goes_into_the_same_update(rig,
+                                                                                 monkeypatch):
+    """fbcon reports an echo as several UPDATEs, each with a notify.  A guest slower than the
+    agent has written only the first (the cursor erased) when the ring is read; the glyph,
+    drawn and reported while the agent compares, must be in the update the viewer's pending
+    request gets -- not wait for the viewer's next request (a round trip)."""
+    kbd, fb, c = past_the_first_update(rig)
+    vfb = rig.agent.vfb
+    real_apply = vfb._apply
+    reads: list[int] = []
+
+    def apply_while_the_guest_draws(events: list) -> None:
+        real_apply(events)                          # the erased cell compared and copied
+        reads.append(len(events))
+        if len(reads) == 1:
+            fb.draw(8, 16, 8, 16, 0x00FFFFFF)       # then the glyph, in that cell
+
+    monkeypatch.setattr(vfb, "_apply", apply_while_the_guest_draws)
+    request_seen(rig, c)
+    fb.draw(8, 16, 8, 16, 0x00000080)               # the cursor erased: the first UPDATE
+    rects = c.wait_for_update()
+    assert reads[:2] == [1, 1]
+    assert [r[:4] for r in rects] == [(8, 16, 8, 16)]
+    assert (c.fb[16:32, 8:16] & 0xFFFFFF == 0xFFFFFF).all()
+    c.close()
