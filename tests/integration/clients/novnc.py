@@ -22,6 +22,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -294,12 +295,17 @@ class NoVNCSession:
             raise ClientError("canvas data has the wrong size")
         return rgba.reshape(h, w, 4)[..., :3].copy()
 
-    def wait_for_screen(self, want: np.ndarray, timeout: float = 5.0, *, tolerance: int = 0,
-                        mean_tolerance: float | None = None) -> np.ndarray:
+    def wait_for_screen(self, want: np.ndarray | Callable[[], np.ndarray], timeout: float = 5.0,
+                        *, tolerance: int = 0, mean_tolerance: float | None = None
+                        ) -> np.ndarray:
         """Read the canvas until it matches ``want`` (exactly, or within ``tolerance`` per
-        channel and ``mean_tolerance`` on average); on timeout assert on the last difference."""
+        channel and ``mean_tolerance`` on average); on timeout assert on the last difference.
+        ``want`` may be a function, read again each time: the server's picture when it may
+        still change (the demo draws a status line for every pointer event the browser sends)."""
         deadline = time.monotonic() + timeout
+        current = want if callable(want) else (lambda: want)
         while True:
+            want = current()
             got = self.pixels()
             if got.shape == want.shape:
                 d = np.abs(got.astype(np.int16) - want.astype(np.int16))
