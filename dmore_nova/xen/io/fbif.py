@@ -15,7 +15,6 @@ Frontend side (the simulated guest): :func:`fb_out_put`, :func:`fb_in_get`.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -340,8 +339,9 @@ def fb_out_get(
     ]
 
 
-#: ``struct xenfb_update`` past its type byte: x, y, width, height (offsets 4, 8, 12, 16).
-_UPDATE_VALUES = struct.Struct("<4xiiii")
+#: ``struct xenfb_update`` past its type byte: x, y, width, height, from the declaration the
+#: header test checks (so no second copy of the layout to keep in step).
+_UPDATE_VALUES = make_struct(XenfbUpdate.FIELDS[1:], XenfbUpdate.C_SIZEOF)
 
 
 def fb_out_read(
